@@ -1,0 +1,1 @@
+"""Default configuration files shipped with memos."""

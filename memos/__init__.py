@@ -1,0 +1,1 @@
+"""memos: a memory operating system for LLM agents."""

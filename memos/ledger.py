@@ -1,0 +1,236 @@
+"""Versioned cube state on top of the store: heads, version records, commits.
+
+Key layout (cube names never contain NUL; memory ids are fixed-length):
+
+* ``heads``     ``cube NUL id``            -> u64 version + state bytes
+* ``versions``  ``cube NUL id u64(v)``     -> state bytes, or b"" for absent
+* ``commits``   ``cube NUL u64(v)``        -> Commit
+
+Reading a memory at version V is one cursor seek: the last version record of
+that memory at or below V. Every function here takes an open transaction and
+leaves access control and auditing to the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import lmdb
+
+from . import codec
+from .errors import InvalidRequest, NotFound
+from .models import Commit, Cube
+from .storage import Store, check_key
+
+ABSENT = b""
+
+
+def cube_prefix(cube: str) -> bytes:
+    return cube.encode() + b"\0"
+
+
+def memory_key(cube: str, memory_id: str) -> bytes:
+    return check_key(cube_prefix(cube) + memory_id.encode())
+
+
+def version_key(cube: str, memory_id: str, version: int) -> bytes:
+    return check_key(memory_key(cube, memory_id) + codec.u64(version))
+
+
+def commit_key(cube: str, version: int) -> bytes:
+    return check_key(cube_prefix(cube) + codec.u64(version))
+
+
+def _seek_last_at_or_below(cur: lmdb.Cursor, mem_prefix: bytes, version: int) -> bool:
+    """Put the cursor on the greatest key <= mem_prefix + u64(version)."""
+    if cur.set_range(mem_prefix + codec.u64(version + 1)):
+        return cur.prev()
+    return cur.last()
+
+
+class Ledger:
+    """Reads and writes of versioned cube state inside a caller's transaction."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.db = store.db
+
+    # -- cubes ----------------------------------------------------------
+
+    def cube(self, txn: lmdb.Transaction, name: str) -> Cube:
+        raw = txn.get(check_key(name.encode()), db=self.db["cubes"])
+        if raw is None:
+            raise NotFound(f"no cube named {name!r}", cube=name)
+        return Cube.model_validate(codec.unpack(raw))
+
+    def has_cube(self, txn: lmdb.Transaction, name: str) -> bool:
+        return txn.get(check_key(name.encode()), db=self.db["cubes"]) is not None
+
+    def put_cube(self, txn: lmdb.Transaction, cube: Cube) -> None:
+        txn.put(cube.name.encode(), codec.pack(cube.model_dump(mode="json")), db=self.db["cubes"])
+
+    def cubes(self, txn: lmdb.Transaction) -> Iterator[Cube]:
+        for _, raw in txn.cursor(db=self.db["cubes"]):
+            yield Cube.model_validate(codec.unpack(raw))
+
+    # -- memory state ---------------------------------------------------
+
+    def head(self, txn: lmdb.Transaction, cube: str, memory_id: str) -> tuple[int, bytes] | None:
+        raw = txn.get(memory_key(cube, memory_id), db=self.db["heads"])
+        if raw is None:
+            return None
+        return codec.from_u64(raw[:8]), bytes(raw[8:])
+
+    def state_at(
+        self, txn: lmdb.Transaction, cube: str, memory_id: str, version: int
+    ) -> tuple[int, bytes] | None:
+        """The (version, state) of a memory as of cube version ``version``; None if absent."""
+        prefix = memory_key(cube, memory_id)
+        cur = txn.cursor(db=self.db["versions"])
+        if not _seek_last_at_or_below(cur, prefix, version):
+            return None
+        key = cur.key()
+        if not key.startswith(prefix) or len(key) != len(prefix) + 8:
+            return None
+        value = cur.value()
+        if value == ABSENT:
+            return None
+        return codec.from_u64(key[-8:]), bytes(value)
+
+    def memory_versions(self, txn: lmdb.Transaction, cube: str, memory_id: str) -> list[int]:
+        prefix = memory_key(cube, memory_id)
+        cur = txn.cursor(db=self.db["versions"])
+        out = []
+        if cur.set_range(prefix):
+            for key in cur.iternext(values=False):
+                if not key.startswith(prefix):
+                    break
+                out.append(codec.from_u64(key[-8:]))
+        return out
+
+    def iter_heads(self, txn: lmdb.Transaction, cube: str, after: str | None = None) -> Iterator[tuple[str, int, bytes]]:
+        prefix = cube_prefix(cube)
+        cur = txn.cursor(db=self.db["heads"])
+        start = prefix + (after.encode() + b"\xff" if after else b"")
+        if not cur.set_range(start):
+            return
+        for key, raw in cur:
+            if not key.startswith(prefix):
+                return
+            yield key[len(prefix):].decode(), codec.from_u64(raw[:8]), bytes(raw[8:])
+
+    def iter_state_at(
+        self, txn: lmdb.Transaction, cube: str, version: int, after: str | None = None
+    ) -> Iterator[tuple[str, int, bytes]]:
+        """Every memory present at ``version``, in id order, by one seek per memory."""
+        prefix = cube_prefix(cube)
+        cur = txn.cursor(db=self.db["versions"])
+        start = prefix + (after.encode() + b"\xff" * 9 if after else b"")
+        positioned = cur.set_range(start)
+        while positioned:
+            key = cur.key()
+            if not key.startswith(prefix):
+                return
+            mem_prefix = key[:-8]
+            memory_id = mem_prefix[len(prefix):].decode()
+            if _seek_last_at_or_below(cur, mem_prefix, version):
+                found = cur.key()
+                if found.startswith(mem_prefix) and len(found) == len(mem_prefix) + 8:
+                    value = cur.value()
+                    if value != ABSENT:
+                        yield memory_id, codec.from_u64(found[-8:]), bytes(value)
+            # Jump past every record of this memory.
+            positioned = cur.set_range(mem_prefix + b"\xff" * 9)
+
+    def write_state(
+        self, txn: lmdb.Transaction, cube: str, memory_id: str, version: int,
+        state: bytes, blob_sha: str | None = None,
+    ) -> None:
+        """Record a memory's state at ``version`` (``ABSENT`` removes it from the head)."""
+        txn.put(version_key(cube, memory_id, version), state, db=self.db["versions"])
+        if state == ABSENT:
+            txn.delete(memory_key(cube, memory_id), db=self.db["heads"])
+        else:
+            txn.put(memory_key(cube, memory_id), codec.u64(version) + state, db=self.db["heads"])
+        if blob_sha is not None:
+            self.add_blob_ref(txn, blob_sha)
+
+    # -- blobs ----------------------------------------------------------
+
+    def put_blob(self, txn: lmdb.Transaction, data: bytes) -> str:
+        sha = codec.sha256_hex(data)
+        key = sha.encode()
+        if txn.get(key, db=self.db["blobs"]) is None:
+            txn.put(key, data, db=self.db["blobs"])
+        return sha
+
+    def get_blob(self, txn: lmdb.Transaction, sha: str) -> bytes:
+        raw = txn.get(check_key(sha.encode()), db=self.db["blobs"])
+        if raw is None:
+            raise NotFound(f"no blob {sha}", blob=sha)
+        return bytes(raw)
+
+    def add_blob_ref(self, txn: lmdb.Transaction, sha: str) -> None:
+        key = sha.encode()
+        if txn.get(key, db=self.db["blobs"]) is None:
+            raise NotFound(f"no blob {sha}", blob=sha)
+        raw = txn.get(key, db=self.db["blob_refs"])
+        count = codec.from_u64(raw) if raw is not None else 0
+        txn.put(key, codec.u64(count + 1), db=self.db["blob_refs"])
+
+    def blob_refs(self, txn: lmdb.Transaction, sha: str) -> int:
+        raw = txn.get(sha.encode(), db=self.db["blob_refs"])
+        return codec.from_u64(raw) if raw is not None else 0
+
+    def unreferenced_blobs(self, txn: lmdb.Transaction) -> list[str]:
+        return [
+            key.decode() for key in txn.cursor(db=self.db["blobs"]).iternext(values=False)
+            if txn.get(key, db=self.db["blob_refs"]) is None
+        ]
+
+    # -- commits --------------------------------------------------------
+
+    def put_commit(self, txn: lmdb.Transaction, commit: Commit) -> None:
+        key = commit_key(commit.cube, commit.version)
+        if not txn.put(key, codec.pack(commit.model_dump(mode="json")), db=self.db["commits"], overwrite=False):
+            raise InvalidRequest(f"commit {commit.version} of {commit.cube} already exists")
+
+    def commit(self, txn: lmdb.Transaction, cube: str, version: int) -> Commit:
+        raw = txn.get(commit_key(cube, version), db=self.db["commits"])
+        if raw is None:
+            raise NotFound(f"cube {cube!r} has no version {version}", cube=cube, version=version)
+        return Commit.model_validate(codec.unpack(raw))
+
+    def commits(
+        self, txn: lmdb.Transaction, cube: str, lo: int = 0, hi: int | None = None, newest_first: bool = False
+    ) -> Iterator[Commit]:
+        """Commits with lo <= version <= hi."""
+        prefix = cube_prefix(cube)
+        cur = txn.cursor(db=self.db["commits"])
+        if newest_first:
+            top = prefix + codec.u64(hi + 1) if hi is not None else prefix + b"\xff" * 9
+            if cur.set_range(top):
+                ok = cur.prev()
+            else:
+                ok = cur.last()
+            while ok:
+                key = cur.key()
+                if not key.startswith(prefix) or codec.from_u64(key[-8:]) < lo:
+                    return
+                yield Commit.model_validate(codec.unpack(cur.value()))
+                ok = cur.prev()
+        else:
+            if not cur.set_range(prefix + codec.u64(lo)):
+                return
+            for key, raw in cur:
+                if not key.startswith(prefix) or (hi is not None and codec.from_u64(key[-8:]) > hi):
+                    return
+                yield Commit.model_validate(codec.unpack(raw))
+
+    def touched_between(self, txn: lmdb.Transaction, cube: str, lo: int, hi: int) -> list[str]:
+        """Memory ids changed by commits lo < version <= hi, in first-touched order."""
+        seen: dict[str, None] = {}
+        for commit in self.commits(txn, cube, lo + 1, hi):
+            for change in commit.changes:
+                seen.setdefault(change.memory_id, None)
+        return list(seen)

@@ -1,0 +1,188 @@
+"""The data model: cubes, memories, commits and audit records.
+
+A memory's *state* is everything that a version of it fixes (text, blob, tags,
+metadata, provenance, status, times). Its state bytes are canonical msgpack;
+the content hash is their sha256. Bookkeeping that is not state (the version
+that wrote it, usage counters) rides along on the model but never enters the
+bytes, so a rollback restores state byte for byte.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import codec
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+TAG_PATTERN = re.compile(r"^[^\x00-\x1f\x7f]{1,64}$")
+
+
+class MemoryType(StrEnum):
+    plaintext = "plaintext"
+    activation = "activation"
+    parameter = "parameter"
+
+
+class Status(StrEnum):
+    active = "active"
+    archived = "archived"
+    deleted = "deleted"
+
+
+class Role(StrEnum):
+    read = "read"
+    write = "write"
+    admin = "admin"
+
+    @property
+    def rank(self) -> int:
+        return _ROLE_RANK[self]
+
+    def allows(self, needed: Role) -> bool:
+        return self.rank >= needed.rank
+
+
+_ROLE_RANK = {Role.read: 1, Role.write: 2, Role.admin: 3}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, use_enum_values=False)
+
+
+class SourceRef(_Model):
+    """A memory this one was derived from, at the version it was read."""
+
+    memory_id: str
+    version: int
+
+
+class Provenance(_Model):
+    """Who wrote a memory, from what, through which policy, when."""
+
+    actor: str
+    time: float
+    sources: list[SourceRef] = Field(default_factory=list)
+    policy: str | None = None
+    request_id: str | None = None
+
+
+class BlobRef(_Model):
+    """A content-addressed blob (KV cache, adapter) stored beside the memory."""
+
+    sha256: str
+    size: int
+    media_type: str = "application/octet-stream"
+
+
+class Usage(_Model):
+    """Read statistics; kept outside versions so reads never write versions."""
+
+    reads: int = 0
+    last_read: float | None = None
+
+
+STATE_FIELDS = (
+    "id", "cube", "type", "text", "blob", "tags", "metadata",
+    "provenance", "status", "created_at", "updated_at",
+)
+
+
+class Memory(_Model):
+    id: str
+    cube: str
+    type: MemoryType = MemoryType.plaintext
+    text: str | None = None
+    blob: BlobRef | None = None
+    tags: list[str] = Field(default_factory=list)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    provenance: Provenance
+    status: Status = Status.active
+    created_at: float
+    updated_at: float
+    # Not state: filled in on read.
+    version: int = 0
+    content_hash: str = ""
+    usage: Usage | None = None
+
+    def state(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", include=set(STATE_FIELDS))
+
+    def state_bytes(self) -> bytes:
+        return codec.pack(self.state())
+
+    @classmethod
+    def from_state_bytes(cls, data: bytes, version: int) -> Memory:
+        mem = cls.model_validate(codec.unpack(data))
+        mem.version = version
+        mem.content_hash = codec.sha256_hex(data)
+        return mem
+
+
+class Cube(_Model):
+    name: str
+    owner: str
+    acl: dict[str, Role] = Field(default_factory=dict)
+    settings: dict[str, Any] = Field(default_factory=dict)
+    version: int = 0
+    created_at: float
+
+
+class Change(_Model):
+    """One memory touched by a commit: its content hash before and after."""
+
+    memory_id: str
+    before: str | None
+    after: str | None
+
+
+class Commit(_Model):
+    cube: str
+    version: int
+    actor: str
+    time: float
+    op: str
+    changes: list[Change] = Field(default_factory=list)
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+class DiffEntry(_Model):
+    memory_id: str
+    change: Literal["added", "removed", "modified"]
+    before: Memory | None = None
+    after: Memory | None = None
+
+
+class AuditRecord(_Model):
+    seq: int
+    time: float
+    actor: str
+    op: str
+    outcome: Literal["ok", "denied", "error"]
+    cube: str | None = None
+    version: int | None = None
+    detail: dict[str, Any] = Field(default_factory=dict)
+    prev: str
+    hash: str = ""
+
+    def body_bytes(self) -> bytes:
+        """What the chain hashes: every field but the hash itself."""
+        return codec.pack(self.model_dump(mode="json", exclude={"hash"}))
+
+
+class Checkpoint(_Model):
+    """An exported audit head: a later verify proves nothing was cut or rewritten."""
+
+    seq: int
+    head: str
+
+
+class VerifyReport(_Model):
+    ok: bool
+    records: int
+    head: Checkpoint | None = None
+    first_bad: int | None = None
+    reason: str | None = None

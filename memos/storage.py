@@ -1,0 +1,258 @@
+"""The LMDB layer: one environment, named sub-databases, typed errors.
+
+Everything above this module sees transactions, never lmdb exceptions. Writes
+are expressed as functions of a transaction so that a full map can be grown
+and the same work replayed: nothing is lost to ``MapFullError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import lmdb
+
+from . import codec
+from .errors import InvalidRequest, MemosError, StorageError, TooLarge
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MAX_KEY_BYTES = 511
+
+# name -> what it holds. Declared once; opened together at start-up.
+DATABASES: dict[str, str] = {
+    "meta": "schema version, audit head, store-wide settings",
+    "cubes": "cube name -> Cube record",
+    "heads": "cube\\0memory id -> u64 version + current state bytes",
+    "versions": "cube\\0memory id\\0u64 version -> state bytes ('' = absent)",
+    "commits": "cube\\0u64 version -> Commit record",
+    "audit": "u64 seq -> AuditRecord",
+    "blobs": "sha256 hex -> blob bytes",
+    "blob_refs": "sha256 hex -> u64 count of version records referring to it",
+    "usage": "cube\\0memory id -> Usage record",
+    "agents": "agent name -> Agent record (hashed token, created)",
+    "requests": "client request id -> stored reply (idempotent retries)",
+}
+
+SCHEMA_VERSION = 1
+
+# from-version -> function upgrading a store in place to from-version + 1.
+Migration = Callable[["Store", lmdb.Transaction], None]
+MIGRATIONS: dict[int, Migration] = {}
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    map_size: int = 64 << 30  # sparse on 64-bit: reserves address space, not disk
+    max_readers: int = 512
+    sync: bool = True  # durable commits; only benchmarks of the raw floor turn it off
+
+
+class _ResizeGate:
+    """Lets transactions run together but resizes the map only when none is open."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._resizing = False
+
+    @contextmanager
+    def open(self) -> Iterator[None]:
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    def exclusive(self, fn: Callable[[], None]) -> None:
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._resizing = True
+            while self._active:
+                self._cond.wait()
+        try:
+            fn()
+        finally:
+            with self._cond:
+                self._resizing = False
+                self._cond.notify_all()
+
+
+def check_key(key: bytes) -> bytes:
+    if len(key) > MAX_KEY_BYTES:
+        raise TooLarge(f"key of {len(key)} bytes exceeds LMDB's {MAX_KEY_BYTES}", size=len(key))
+    return key
+
+
+class Store:
+    """An LMDB environment with the sub-databases memos declares."""
+
+    def __init__(self, path: str | os.PathLike[str], options: StoreOptions | None = None) -> None:
+        self.path = os.fspath(path)
+        self.options = options or StoreOptions()
+        self._gate = _ResizeGate()
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        os.chmod(self.path, 0o700)
+        try:
+            self.env = lmdb.open(
+                self.path,
+                map_size=self.options.map_size,
+                max_dbs=len(DATABASES) + 4,
+                max_readers=self.options.max_readers,
+                mode=0o600,
+                sync=self.options.sync,
+                metasync=self.options.sync,
+            )
+        except lmdb.Error as exc:
+            raise StorageError(f"cannot open store at {self.path}: {exc}") from exc
+        stale = self.env.reader_check()  # slots of readers that died holding them
+        if stale:
+            log.warning("cleared %d stale LMDB reader slots", stale)
+        self.db = {name: self.env.open_db(name.encode()) for name in DATABASES}
+        self._migrate()
+
+    # -- schema ---------------------------------------------------------
+
+    def _migrate(self) -> None:
+        def step(txn: lmdb.Transaction) -> int:
+            raw = txn.get(b"schema_version", db=self.db["meta"])
+            if raw is None:
+                txn.put(b"schema_version", codec.u64(SCHEMA_VERSION), db=self.db["meta"])
+                return SCHEMA_VERSION
+            found = codec.from_u64(raw)
+            if found > SCHEMA_VERSION:
+                raise StorageError(
+                    f"store schema {found} is newer than this memos ({SCHEMA_VERSION})",
+                    found=found, supported=SCHEMA_VERSION,
+                )
+            while found < SCHEMA_VERSION:
+                migration = MIGRATIONS.get(found)
+                if migration is None:
+                    raise StorageError(f"no migration from schema {found}", found=found)
+                migration(self, txn)
+                found += 1
+                txn.put(b"schema_version", codec.u64(found), db=self.db["meta"])
+            return found
+
+        self.schema_version = self.write(step)
+
+    # -- transactions ---------------------------------------------------
+
+    @contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        """A consistent snapshot for reads; several may run at once."""
+        with self._gate.open():
+            try:
+                with self.env.begin(write=False) as txn:
+                    yield txn
+            except lmdb.MapResizedError:
+                self._adopt_resize()
+                raise StorageError("map was resized by another process; retry") from None
+            except lmdb.Error as exc:
+                raise _translate(exc) from exc
+
+    def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        """Run ``fn`` in one durable write transaction; replay it if the map fills."""
+        result = self.transact([fn])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def transact(
+        self,
+        fns: Sequence[Callable[[lmdb.Transaction], Any]],
+        on_error: Callable[[lmdb.Transaction, int, MemosError], None] | None = None,
+    ) -> list[Any]:
+        """Run several units of work in one durable commit (group commit).
+
+        Each unit runs in a child transaction: one that raises a MemosError is
+        rolled back alone, its exception is returned in its slot, and
+        ``on_error`` may record it in the same commit. Everything becomes
+        durable together when this returns.
+        """
+        while True:
+            try:
+                with self._gate.open():
+                    return self._transact_once(fns, on_error)
+            except lmdb.MapFullError:
+                self._grow()
+            except lmdb.MapResizedError:
+                self._adopt_resize()
+
+    def _transact_once(self, fns, on_error) -> list[Any]:
+        results: list[Any] = []
+        try:
+            with self.env.begin(write=True) as outer:
+                single = len(fns) == 1 and on_error is None
+                for i, fn in enumerate(fns):
+                    if single:
+                        results.append(fn(outer))
+                        continue
+                    child = self.env.begin(write=True, parent=outer)
+                    try:
+                        results.append(fn(child))
+                        child.commit()
+                    except MemosError as exc:
+                        child.abort()
+                        results.append(exc)
+                        if on_error is not None:
+                            on_error(outer, i, exc)
+                    except BaseException:
+                        child.abort()
+                        raise
+        except (lmdb.MapFullError, lmdb.MapResizedError):
+            raise
+        except lmdb.Error as exc:
+            raise _translate(exc) from exc
+        except MemosError as exc:
+            if len(fns) == 1 and on_error is None:
+                return [exc]
+            raise
+        return results
+
+    def _grow(self) -> None:
+        def grow() -> None:
+            new = max(self.env.info()["map_size"] * 2, 1 << 20)
+            log.info("growing LMDB map to %d bytes", new)
+            self.env.set_mapsize(new)
+
+        self._gate.exclusive(grow)
+
+    def _adopt_resize(self) -> None:
+        self._gate.exclusive(lambda: self.env.set_mapsize(0))
+
+    # -- housekeeping ---------------------------------------------------
+
+    def sync(self) -> None:
+        self.env.sync(True)
+
+    def close(self) -> None:
+        try:
+            self.env.close()
+        except lmdb.Error as exc:  # pragma: no cover - closing a broken env
+            raise StorageError(f"closing store: {exc}") from exc
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"path": self.path, "map_size": self.env.info()["map_size"]}
+        with self.read() as txn:
+            for name, db in self.db.items():
+                out[name] = txn.stat(db)["entries"]
+        return out
+
+
+def _translate(exc: lmdb.Error) -> MemosError:
+    if isinstance(exc, lmdb.BadValsizeError):
+        return InvalidRequest(f"key or value size rejected by LMDB: {exc}")
+    return StorageError(f"LMDB error: {exc}")

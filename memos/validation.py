@@ -1,0 +1,158 @@
+"""Input checks shared by the in-process API and the wire protocol.
+
+Every check raises :class:`InvalidRequest` (or :class:`TooLarge`) naming the
+field, before anything is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from . import codec
+from .errors import InvalidRequest, TooLarge
+from .ids import is_id
+from .models import NAME_PATTERN, TAG_PATTERN, MemoryType, Role, Status
+
+
+class Limits(BaseModel):
+    """Size limits; requests over them are refused, never truncated."""
+
+    max_text_bytes: int = Field(64 * 1024, description="UTF-8 bytes of one memory's text.")
+    max_tags: int = Field(64, description="Tags on one memory.")
+    max_metadata_bytes: int = Field(64 * 1024, description="Encoded size of one memory's metadata.")
+    max_blob_bytes: int = Field(4 << 30, description="One KV cache or adapter blob.")
+    max_batch: int = Field(10_000, description="Memories in one add_many request.")
+    max_sources: int = Field(1_000, description="Source memories named by one memory.")
+
+
+def name(value: Any, what: str = "name") -> str:
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{what} must be a string, not {type(value).__name__}", field=what)
+    if len(value.encode()) > 64 or not NAME_PATTERN.match(value):
+        if len(value.encode()) > 64:
+            raise TooLarge(f"{what} is longer than 64 bytes", field=what, size=len(value.encode()))
+        raise InvalidRequest(
+            f"{what} {value[:80]!r} is invalid: use 1-64 letters, digits, '_', '.', '-', "
+            "starting with a letter or digit", field=what,
+        )
+    return value
+
+
+def memory_id(value: Any) -> str:
+    if not is_id(value):
+        raise InvalidRequest(f"memory id {str(value)[:80]!r} is not a valid id", field="id")
+    return value
+
+
+def version(value: Any, what: str = "version") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value >= 1 << 63:
+        raise InvalidRequest(f"{what} must be a non-negative integer", field=what)
+    return value
+
+
+def text(value: Any, limits: Limits, required: bool) -> str | None:
+    if value is None:
+        if required:
+            raise InvalidRequest("text is required for a plaintext memory", field="text")
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest(f"text must be a string, not {type(value).__name__}", field="text")
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(f"text is not valid unicode: {exc.reason}", field="text") from None
+    if size > limits.max_text_bytes:
+        raise TooLarge(
+            f"text of {size} bytes exceeds the limit of {limits.max_text_bytes}",
+            field="text", size=size, limit=limits.max_text_bytes,
+        )
+    if required and not value.strip():
+        raise InvalidRequest("text is empty", field="text")
+    return value
+
+
+def tags(value: Any, limits: Limits) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise InvalidRequest("tags must be a list of strings", field="tags")
+    out: list[str] = []
+    for tag in value:
+        if not isinstance(tag, str) or not TAG_PATTERN.match(tag):
+            raise InvalidRequest(
+                f"tag {str(tag)[:80]!r} is invalid: 1-64 characters, no control characters", field="tags"
+            )
+        if tag not in out:
+            out.append(tag)
+    if len(out) > limits.max_tags:
+        raise TooLarge(f"{len(out)} tags exceed the limit of {limits.max_tags}", field="tags")
+    return out
+
+
+def metadata(value: Any, limits: Limits) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise InvalidRequest("metadata must be a map with string keys", field="metadata")
+    _check_plain(value)
+    size = len(codec.pack(value))
+    if size > limits.max_metadata_bytes:
+        raise TooLarge(
+            f"metadata of {size} bytes exceeds the limit of {limits.max_metadata_bytes}",
+            field="metadata", size=size,
+        )
+    return value
+
+
+def _check_plain(value: Any, depth: int = 0) -> None:
+    if depth > 16:
+        raise InvalidRequest("metadata is nested too deeply", field="metadata")
+    if value is None or isinstance(value, (bool, int, float, str)):
+        if isinstance(value, int) and not isinstance(value, bool) and not -(1 << 63) <= value < 1 << 64:
+            raise InvalidRequest("metadata integer out of range", field="metadata")
+        return
+    if isinstance(value, list):
+        for item in value:
+            _check_plain(item, depth + 1)
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise InvalidRequest("metadata keys must be strings", field="metadata")
+            _check_plain(v, depth + 1)
+        return
+    raise InvalidRequest(f"metadata values must be plain data, not {type(value).__name__}", field="metadata")
+
+
+def memory_type(value: Any) -> MemoryType:
+    try:
+        return MemoryType(value)
+    except ValueError:
+        raise InvalidRequest(f"memory type must be one of {[t.value for t in MemoryType]}", field="type") from None
+
+
+def status(value: Any) -> Status:
+    try:
+        return Status(value)
+    except ValueError:
+        raise InvalidRequest(f"status must be one of {[s.value for s in Status]}", field="status") from None
+
+
+def role(value: Any) -> Role:
+    try:
+        return Role(value)
+    except ValueError:
+        raise InvalidRequest(f"role must be one of {[r.value for r in Role]}", field="role") from None
+
+
+def blob(value: Any, limits: Limits) -> bytes | None:
+    if value is None:
+        return None
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise InvalidRequest("blob must be bytes", field="blob")
+    if len(value) > limits.max_blob_bytes:
+        raise TooLarge(f"blob of {len(value)} bytes exceeds the limit of {limits.max_blob_bytes}", field="blob")
+    return bytes(value)
