@@ -81,6 +81,12 @@ class StorageError(MemosError):
     code = "storage_error"
 
 
+class ConfigError(MemosError):
+    """The daemon cannot start as configured (bad file, unsafe folder, already running)."""
+
+    code = "config_error"
+
+
 class IntegrityError(StorageError):
     """Stored data failed a hash or chain check."""
 

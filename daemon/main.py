@@ -1,0 +1,82 @@
+"""``memosd``: start the daemon in the foreground until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+from memos import config
+from memos.errors import MemosError
+
+from .server import Server
+
+_STANDARD = set(vars(logging.makeLogRecord({})))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        out.update({k: v for k, v in vars(record).items() if k not in _STANDARD and k != "message"})
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="memosd", description="The memos memory daemon.")
+    parser.add_argument("--config", help="TOML config file (default: MEMOS_CONFIG or the packaged etc/memosd.toml)")
+    parser.add_argument("--data-dir", help="folder of the LMDB store")
+    parser.add_argument("--socket", help="ipc socket path (its folder must be private to this user)")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    try:
+        daemon: dict = {}
+        if args.data_dir:
+            daemon["data_dir"] = args.data_dir
+        if args.socket:
+            daemon["socket"] = args.socket
+        if args.log_level:
+            daemon["log_level"] = args.log_level
+        settings = config.load(args.config)
+        if daemon:
+            settings.daemon = settings.daemon.model_copy(update=daemon)
+            settings.daemon = type(settings.daemon).model_validate(settings.daemon.model_dump())
+        logging.getLogger().setLevel(settings.daemon.log_level.upper())
+        server = Server(settings)
+        server.start()
+    except MemosError as exc:
+        logging.getLogger("memosd").error("cannot start: %s", exc.message, extra={"code": exc.code})
+        return 2
+
+    def on_signal(signum: int, frame: object) -> None:
+        logging.getLogger("memosd").info("received %s", signal.Signals(signum).name)
+        server.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""memosd: the socket loop, peer identity, and the daemon's lifecycle.
+
+Threads and who owns what:
+
+* the **main thread** owns every ZeroMQ socket that faces clients (ROUTER,
+  PUB). It only moves bytes: requests go to the worker pool, replies and
+  events come back over an inproc PULL socket and go out.
+* **workers** decode, validate and authenticate requests, run reads against
+  LMDB snapshots, and hand writes to the writer.
+* the **writer** (``writer.py``) owns LMDB writes and group commit.
+* the **ZAP thread** answers libzmq's authentication hook: it sees each
+  connecting peer's uid and refuses users other than ours (and allowed ones).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from memos import protocol as p
+from memos.agents import Agents
+from memos.api import LOCAL_ADMIN, Actor, Memos, Write
+from memos.config import Settings
+from memos.errors import ConfigError, InternalError, MemosError, Unauthenticated
+from memos.storage import StoreOptions
+
+from . import handlers
+from .writer import Job, Writer
+
+log = logging.getLogger("memosd")
+
+_OUT = "inproc://memosd-out"
+_ZAP = "inproc://zeromq.zap.01"
+_MAX_IN_FLIGHT = 10_000  # past this the ROUTER is not read, so zmq's HWM pushes back
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` 0700, or check that an existing one is ours and closed to others."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise ConfigError(f"{path} belongs to uid {info.st_uid}, not to this user")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        raise ConfigError(f"{path} is open to other users (mode {stat.S_IMODE(info.st_mode):o}); use 0700")
+    return path
+
+
+class _Lock:
+    """An flock held for the daemon's life; the kernel drops it if the process dies."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise ConfigError(f"another memosd is running on this {what} ({path})") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+
+class Server:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.cfg = settings.daemon
+        self.socket_path = self.cfg.socket_path()
+        self.events_path = Path(f"{self.socket_path}.events")
+        self._stop = threading.Event()
+        self._local = threading.local()
+        self._in_flight = 0
+        self._out_sockets: list[zmq.Socket] = []
+        self._out_lock = threading.Lock()
+        self._tokens: dict[str, Actor] = {}
+
+    # -- lifecycle ------------------------------------------------------
+
+    def start(self) -> None:
+        handlers.check_table()
+        private_dir(self.socket_path.parent)
+        self._socket_lock = _Lock(Path(f"{self.socket_path}.lock"), "socket")
+        data_dir = private_dir(Path(self.cfg.data_dir).expanduser())
+        self._data_lock = _Lock(data_dir / "memosd.lock", "data folder")
+        for stale in (self.socket_path, self.events_path):
+            if stale.exists():  # we hold the lock, so whoever made it is gone
+                log.info("removing stale socket %s", stale)
+                stale.unlink()
+        self.memos = Memos(data_dir, options=StoreOptions(map_size=self.settings.store.map_size),
+                           limits=self.settings.limits)
+        self.ctx = handlers.Context(self.memos, Agents(self.memos))
+        self.zmq = zmq.Context()
+        self._pull = self.zmq.socket(zmq.PULL)
+        self._pull.bind(_OUT)
+        self._zap_ready = threading.Event()
+        self._zap_thread = threading.Thread(target=self._zap_loop, name="memosd-zap", daemon=True)
+        self._zap_thread.start()
+        self._zap_ready.wait()
+        self.router = self.zmq.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.setsockopt(zmq.ZAP_DOMAIN, b"memos")
+        self.router.setsockopt(zmq.MAXMSGSIZE, 2 * self.cfg.max_message_bytes)  # hard cap; soft check replies
+        self.router.setsockopt(zmq.LINGER, 1000)
+        self.router.bind(f"ipc://{self.socket_path}")
+        self.pub = self.zmq.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.ZAP_DOMAIN, b"memos")
+        self.pub.bind(f"ipc://{self.events_path}")
+        os.chmod(self.socket_path, 0o600)
+        os.chmod(self.events_path, 0o600)
+        self.pool = ThreadPoolExecutor(self.cfg.read_workers, thread_name_prefix="memosd-worker")
+        self.writer = Writer(self.memos, max_group=self.cfg.max_group,
+                             retention_s=self.cfg.request_retention_s, publish=self._publish)
+        self.writer.start()
+        log.info("memosd listening", extra={"socket": str(self.socket_path), "data_dir": str(data_dir),
+                                            "pid": os.getpid()})
+
+    def stop(self) -> None:
+        """Ask the loop to end; safe from a signal handler."""
+        self._stop.set()
+
+    def serve_forever(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._pull, zmq.POLLIN)
+        reading = False
+        while not self._stop.is_set():
+            want = self._in_flight < _MAX_IN_FLIGHT
+            if want and not reading:
+                poller.register(self.router, zmq.POLLIN)
+            elif reading and not want:
+                poller.unregister(self.router)
+            reading = want
+            events = dict(poller.poll(100))
+            if self._pull in events:
+                self._forward()
+            if reading and self.router in events:
+                self._receive()
+        self._drain()
+
+    def _drain(self) -> None:
+        """Finish what was accepted: answer in-flight requests, then close everything."""
+        log.info("stopping: %d requests in flight", self._in_flight)
+        self.pool.shutdown(wait=True)
+        self.writer.stop()
+        while self._in_flight > 0 and self._pull.poll(2000):
+            self._forward()
+        self.memos.close()
+        with self._out_lock:
+            for sock in self._out_sockets:
+                sock.close(linger=0)
+        for sock in (self.router, self.pub, self._pull):
+            sock.close(linger=1000)
+        self.zmq.term()
+        for path in (self.socket_path, self.events_path):
+            path.unlink(missing_ok=True)
+        self._socket_lock.release()
+        self._data_lock.release()
+        log.info("memosd stopped")
+
+    # -- the main thread ------------------------------------------------
+
+    def _receive(self) -> None:
+        for _ in range(1000):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            identity = frames[0].bytes
+            uid = frames[-1].get("User-Id")
+            payloads = [f.bytes for f in frames[1:]]
+            self._in_flight += 1
+            self.pool.submit(self._serve, identity, uid, payloads)
+
+    def _forward(self) -> None:
+        while True:
+            try:
+                kind, *rest = self._pull.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if kind == b"R":
+                self._in_flight -= 1
+                try:
+                    self.router.send_multipart(rest, zmq.NOBLOCK)
+                except zmq.ZMQError as exc:  # the client left before its reply
+                    log.debug("reply dropped: %s", exc)
+            else:
+                self.pub.send_multipart(rest)
+
+    # -- workers ----------------------------------------------------------
+
+    def _out(self) -> zmq.Socket:
+        sock = getattr(self._local, "out", None)
+        if sock is None:
+            sock = self.zmq.socket(zmq.PUSH)
+            sock.connect(_OUT)
+            self._local.out = sock
+            with self._out_lock:
+                self._out_sockets.append(sock)
+        return sock
+
+    def _reply_to(self, identity: bytes):
+        def send(reply: dict[str, Any]) -> None:
+            self._out().send_multipart([b"R", identity, p.encode(reply)])
+
+        return send
+
+    def _publish(self, cube: str, event: dict[str, Any]) -> None:
+        self._out().send_multipart([b"E", cube.encode(), p.encode(event)])
+
+    def _serve(self, identity: bytes, uid: str | None, payloads: list[bytes]) -> None:
+        reply = self._reply_to(identity)
+        message: Any = None
+        actor = Actor("anonymous")
+        op = "request"
+        audited = False  # Memos audits failures of the work it runs itself
+        try:
+            if len(payloads) != 1:
+                raise p.InvalidRequest(f"a request is one frame, not {len(payloads)}")
+            message = p.decode(payloads[0], self.cfg.max_message_bytes)
+            if isinstance(message.get("op"), str):
+                op = message["op"][:64]
+            envelope, args = p.parse_request(message)
+            actor = self._authenticate(uid, envelope.token)
+            if envelope.op in handlers.WRITES:
+                write = handlers.WRITES[envelope.op](self.ctx, actor, args, envelope.id)
+                self.writer.submit(Job(actor, envelope.id, write, reply))
+                return
+            audited = True
+            result = handlers.READS[envelope.op](self.ctx, actor, args)
+            reply(p.ok_reply(envelope.id, result))
+        except MemosError as exc:
+            if audited:
+                reply(p.error_reply(p.request_id_of(message), exc))
+            else:
+                self._fail(actor, op, p.request_id_of(message), exc, reply)
+        except Exception as exc:  # a bug: answer, log, keep serving
+            log.exception("request failed")
+            self._fail(actor, op, p.request_id_of(message), InternalError(f"{type(exc).__name__}"), reply)
+
+    def _fail(self, actor: Actor, op: str, rid: str | None, exc: MemosError, reply) -> None:
+        """Audit a request refused before it reached the store (via the writer), then answer."""
+
+        def fail(txn: Any) -> Any:
+            raise exc
+
+        self.writer.submit(Job(actor, rid or "", Write(actor, op, None, fail), reply, idempotent=False))
+
+    def _authenticate(self, uid: str | None, token: str | None) -> Actor:
+        if token is not None:
+            actor = self._tokens.get(token)
+            if actor is None:
+                actor = self.ctx.agents.authenticate(token)
+                self._tokens[token] = actor
+            return actor
+        if uid == str(os.getuid()):
+            return LOCAL_ADMIN
+        raise Unauthenticated("this user must present an agent token")
+
+    def forget_tokens(self) -> None:
+        self._tokens.clear()
+
+    # -- ZAP ----------------------------------------------------------------
+
+    def _zap_loop(self) -> None:
+        sock = self.zmq.socket(zmq.REP)
+        sock.bind(_ZAP)
+        sock.setsockopt(zmq.LINGER, 0)
+        self._zap_ready.set()
+        allowed = {os.getuid(), *self.cfg.allow_uids}
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(200):
+                continue
+            version, request_id, _domain, address, *_ = sock.recv_multipart()
+            # For ipc peers libzmq passes "<host>:<uid>:<gid>:<pid>" as the address.
+            parts = address.decode(errors="replace").split(":")
+            uid = int(parts[-3]) if len(parts) >= 3 and parts[-3].isdigit() else None
+            if uid in allowed:
+                sock.send_multipart([version, request_id, b"200", b"OK", str(uid).encode(), b""])
+            else:
+                log.warning("refused connection from uid %s", uid)
+                sock.send_multipart([version, request_id, b"400", b"user not allowed", b"", b""])
+        sock.close()

@@ -1,0 +1,183 @@
+"""The one writer thread: group commit and idempotent retries.
+
+LMDB allows one write transaction at a time, so every write request lands
+here. Requests that queue up while a commit is being fsynced are taken
+together and made durable by one commit (each in its own child transaction,
+so one failure does not sink the others). A reply leaves only after its
+commit returns, so nothing is acknowledged before it is durable.
+
+A write's reply is stored under (agent, request id) in the same transaction;
+a retry with the same id gets that reply instead of a second application.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import lmdb
+
+from memos import codec
+from memos.api import Actor, Memos, Write
+from memos.errors import InternalError, MemosError
+from memos.models import Commit, Cube, Memory
+from memos.protocol import error_reply, ok_reply
+
+from .handlers import wire
+
+log = logging.getLogger("memosd.writer")
+
+Reply = Callable[[dict[str, Any]], None]
+Publish = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class Job:
+    actor: Actor
+    request_id: str
+    write: Write
+    reply: Reply
+    idempotent: bool = True  # False for refusals: nothing to replay
+
+    @property
+    def key(self) -> bytes:
+        return f"{self.actor.name}\0{self.request_id}".encode()
+
+
+_STOP = object()
+
+
+class Writer(threading.Thread):
+    def __init__(self, memos: Memos, *, max_group: int, retention_s: float, publish: Publish) -> None:
+        super().__init__(name="memosd-writer", daemon=True)
+        self.memos = memos
+        self.max_group = max_group
+        self.retention_s = retention_s
+        self.publish = publish
+        self.queue: queue.Queue[Any] = queue.Queue()
+        self.db = memos.store.db["requests"]
+        self.commits = 0
+        self.writes = 0
+
+    def submit(self, job: Job) -> None:
+        self.queue.put(job)
+
+    def stop(self) -> None:
+        """Finish everything queued so far, then end."""
+        self.queue.put(_STOP)
+        self.join()
+
+    def run(self) -> None:
+        last_prune = 0.0
+        while True:
+            try:
+                first = self.queue.get(timeout=30)
+            except queue.Empty:
+                first = None
+            if time.monotonic() - last_prune > 600:
+                self._prune()
+                last_prune = time.monotonic()
+            if first is None:
+                continue
+            batch, stopping = [], first is _STOP
+            if not stopping:
+                batch.append(first)
+            while len(batch) < self.max_group and not stopping:
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True
+                else:
+                    batch.append(item)
+            if batch:
+                self._commit(batch)
+            if stopping:
+                return
+
+    def _commit(self, batch: list[Job]) -> None:
+        fresh: list[Job] = []
+        waiting: dict[bytes, list[Job]] = {}
+        with self.memos.store.read() as txn:
+            for job in batch:
+                stored = txn.get(job.key, db=self.db) if job.idempotent else None
+                if not job.idempotent:
+                    fresh.append(job)
+                elif stored is not None:
+                    job.reply(codec.unpack(stored)["reply"])
+                elif job.key in waiting:
+                    waiting[job.key].append(job)  # same id twice in one batch: apply once
+                else:
+                    waiting[job.key] = []
+                    fresh.append(job)
+        if not fresh:
+            return
+        try:
+            results = self.memos.apply([self._recording(job) for job in fresh])
+        except MemosError as exc:
+            results = [exc] * len(fresh)
+        except Exception as exc:  # a bug must not kill the writer: fail the batch loudly
+            log.exception("group commit failed")
+            results = [InternalError(f"write failed: {type(exc).__name__}")] * len(fresh)
+        self.commits += 1
+        self.writes += len(fresh)
+        for job, result in zip(fresh, results):
+            if isinstance(result, MemosError):
+                reply = error_reply(job.request_id or None, result)
+            else:
+                value, reply = result
+                self._announce(job, value)
+            for j in [job, *waiting.get(job.key, [])] if job.idempotent else [job]:
+                j.reply(reply)
+
+    def _recording(self, job: Job) -> Write:
+        """The job's write, also storing its reply for retries in the same transaction."""
+        inner = job.write
+
+        def fn(txn: lmdb.Transaction):
+            result, version, detail = inner.fn(txn)
+            if not job.idempotent:
+                return (result, None), version, detail
+            reply = ok_reply(job.request_id, wire(result))
+            txn.put(job.key, codec.pack({"time": time.time(), "reply": reply}), db=self.db)
+            return (result, reply), version, detail
+
+        return Write(inner.actor, inner.op, inner.cube, fn, inner.request_id)
+
+    def _announce(self, job: Job, value: Any) -> None:
+        cube = job.write.cube if isinstance(job.write.cube, str) else None
+        event: dict[str, Any] = {"op": job.write.op, "cube": cube, "actor": job.actor.name, "time": time.time()}
+        if isinstance(value, Memory):
+            event.update(version=value.version, memories=[value.id])
+        elif isinstance(value, list) and value and isinstance(value[0], Memory):
+            event.update(version=value[0].version, memories=[m.id for m in value])
+        elif isinstance(value, Commit):
+            event.update(version=value.version, memories=[c.memory_id for c in value.changes])
+        elif isinstance(value, Cube):
+            event.update(version=value.version, memories=[])
+        if cube is not None:
+            self.publish(cube, event)
+
+    def _prune(self) -> None:
+        """Forget stored replies older than the retention period."""
+        cutoff = time.time() - self.retention_s
+
+        def prune(txn: lmdb.Transaction) -> int:
+            old = [k for k, v in txn.cursor(db=self.db) if codec.unpack(v)["time"] < cutoff]
+            for key in old:
+                txn.delete(key, db=self.db)
+            return len(old)
+
+        try:
+            removed = self.memos.store.write(prune)
+        except MemosError:
+            log.exception("pruning stored replies failed")
+            return
+        if removed:
+            log.info("pruned %d stored replies", removed)

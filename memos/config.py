@@ -1,0 +1,93 @@
+"""Daemon configuration: etc/memosd.toml, overridden by MEMOS_* variables.
+
+Precedence, highest first: arguments given in code (command-line flags),
+environment variables (``MEMOS_DAEMON__SOCKET``; ``__`` separates sections),
+the TOML file (``MEMOS_CONFIG`` or ``--config`` names another one), defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource,
+)
+
+from .validation import Limits
+
+
+def default_runtime_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(base) / "memos" if base else Path(f"/tmp/memos-{os.getuid()}")
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(base) / "memos"
+
+
+class DaemonSettings(BaseModel):
+    socket: Path | None = Field(None, description="ipc socket path; default: memosd.sock in the runtime dir.")
+    runtime_dir: Path = Field(default_factory=default_runtime_dir, description="Private 0700 folder for sockets and the lock.")
+    data_dir: Path = Field(default_factory=default_data_dir, description="Folder of the LMDB store.")
+    max_message_bytes: int = Field(64 << 20, description="Largest request accepted; larger ones get too_large.")
+    read_workers: int = Field(4, description="Threads serving read requests concurrently.")
+    max_group: int = Field(256, description="Most writes made durable in one group commit.")
+    allow_uids: list[int] = Field(default_factory=list, description="Other local users allowed to connect (with a token).")
+    request_retention_s: float = Field(86_400, description="How long replies are kept for idempotent retries.")
+    log_level: str = Field("INFO", description="Logging level.")
+
+    def socket_path(self) -> Path:
+        return self.socket or self.runtime_dir / "memosd.sock"
+
+
+class StoreSettings(BaseModel):
+    map_size: int = Field(64 << 30, description="Initial LMDB map size in bytes (sparse; grows when full).")
+
+
+class Settings(BaseSettings):
+    """Everything memosd reads at start-up."""
+
+    model_config = SettingsConfigDict(env_prefix="MEMOS_", env_nested_delimiter="__", extra="ignore")
+
+    daemon: DaemonSettings = Field(default_factory=DaemonSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    limits: Limits = Field(default_factory=Limits)
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, _config_file()))
+
+
+_explicit_file: Path | None = None
+
+
+def _config_file() -> Path:
+    if _explicit_file is not None:
+        return _explicit_file
+    named = os.environ.get("MEMOS_CONFIG")
+    if named:
+        return Path(named)
+    return Path(str(resources.files("memos.etc") / "memosd.toml"))
+
+
+def load(config: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Read settings from ``config`` (or the default file), the environment and overrides."""
+    global _explicit_file
+    if config is not None and not Path(config).is_file():
+        from .errors import InvalidRequest
+
+        raise InvalidRequest(f"config file {config} does not exist")
+    _explicit_file = Path(config) if config is not None else None
+    try:
+        return Settings(**overrides)
+    finally:
+        _explicit_file = None
