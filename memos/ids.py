@@ -12,7 +12,7 @@ import threading
 import time
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32
-ID_PATTERN = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
+ID_PATTERN = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}\Z")  # \Z: "$" accepts a trailing newline
 
 _lock = threading.Lock()
 _last_ms = -1

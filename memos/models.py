@@ -17,8 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import codec
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-TAG_PATTERN = re.compile(r"^[^\x00-\x1f\x7f]{1,64}$")
+# \Z, not $: "$" also matches before a trailing newline, which would let "name\n" through.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+TAG_PATTERN = re.compile(r"^[^\x00-\x1f\x7f]{1,64}\Z")
 
 
 class MemoryType(StrEnum):

@@ -31,9 +31,10 @@ class Limits(BaseModel):
 def name(value: Any, what: str = "name") -> str:
     if not isinstance(value, str):
         raise InvalidRequest(f"{what} must be a string, not {type(value).__name__}", field=what)
-    if len(value.encode()) > 64 or not NAME_PATTERN.match(value):
-        if len(value.encode()) > 64:
-            raise TooLarge(f"{what} is longer than 64 bytes", field=what, size=len(value.encode()))
+    size = len(value.encode(errors="surrogatepass"))  # a lone surrogate is invalid, not a crash
+    if size > 64 or not NAME_PATTERN.match(value):
+        if size > 64:
+            raise TooLarge(f"{what} is longer than 64 bytes", field=what, size=size)
         raise InvalidRequest(
             f"{what} {value[:80]!r} is invalid: use 1-64 letters, digits, '_', '.', '-', "
             "starting with a letter or digit", field=what,
