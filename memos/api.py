@@ -21,10 +21,10 @@ import lmdb
 from . import codec, validation as check
 from .audit import AuditLog
 from .errors import Conflict, Denied, InvalidRequest, MemosError, NotFound, TooLarge
-from .ids import new_id
+from .ids import is_id, new_id
 from .ledger import ABSENT, Ledger, memory_key
 from .models import (
-    AuditRecord, BlobRef, Change, Checkpoint, Commit, Cube, DiffEntry, Memory, MemoryType,
+    NAME_PATTERN, AuditRecord, BlobRef, Change, Checkpoint, Commit, Cube, DiffEntry, Memory, MemoryType,
     Provenance, Role, SourceRef, Status, Usage, VerifyReport,
 )
 from .storage import Store, StoreOptions
@@ -150,14 +150,16 @@ class Memos:
         return unit
 
     def _audit_failure(self, txn: lmdb.Transaction, w: Write, exc: MemosError) -> None:
-        detail: dict[str, Any] = {"code": exc.code, "message": exc.message[:500]}
+        detail: dict[str, Any] = {"code": exc.code, "message": _encodable(exc.message[:500])}
         if w.request_id is not None:
-            detail["request_id"] = w.request_id
+            detail["request_id"] = _encodable(w.request_id)
+        # The record of a failure must always encode: if it raised here, the
+        # whole group commit (other callers' writes included) would be lost.
         self.audit.append(txn, actor=w.actor.name, op=w.op,
                           outcome="denied" if isinstance(exc, Denied) else "error",
-                          cube=w.cube if isinstance(w.cube, str) else None, detail=detail)
+                          cube=_encodable(w.cube[:200]) if isinstance(w.cube, str) else None, detail=detail)
 
-    def _read(self, actor: Actor, op: str, cube: Any, fn: Callable[[lmdb.Transaction], Any]) -> Any:
+    def read(self, actor: Actor, op: str, cube: Any, fn: Callable[[lmdb.Transaction], Any]) -> Any:
         """Run a read; a failed read is audited like a failed write."""
         try:
             with self.store.read() as txn:
@@ -231,7 +233,7 @@ class Memos:
         return self.run(self.write_grant(actor, cube, agent, role))
 
     def get_cube(self, actor: Actor, cube: str) -> Cube:
-        return self._read(actor, "get_cube", cube, lambda txn: self._require(txn, actor, cube, Role.read))
+        return self.read(actor, "get_cube", cube, lambda txn: self._require(txn, actor, cube, Role.read))
 
     def list_cubes(self, actor: Actor) -> list[Cube]:
         """Cubes the actor may read."""
@@ -242,7 +244,7 @@ class Memos:
                 if actor.admin or c.owner == actor.name or actor.name in c.acl
             ]
 
-        return self._read(actor, "list_cubes", None, fn)
+        return self.read(actor, "list_cubes", None, fn)
 
     # -- memories: writes -----------------------------------------------
 
@@ -259,7 +261,7 @@ class Memos:
                 raise InvalidRequest("media_type must be a short string", field="media_type")
             blob_ref = BlobRef(sha256=self.ledger.put_blob(txn, data), size=len(data),
                                media_type=item.media_type)
-        sources = self._sources(txn, cube.name, item.sources)
+        sources = self._sources(txn, cube, item.sources)
         if item.policy is not None and not isinstance(item.policy, str):
             raise InvalidRequest("policy must be a string", field="policy")
         now = time.time()
@@ -271,7 +273,7 @@ class Memos:
             status=Status.active, created_at=now, updated_at=now,
         )
 
-    def _sources(self, txn: lmdb.Transaction, cube: str, sources: Any) -> list[SourceRef]:
+    def _sources(self, txn: lmdb.Transaction, cube: Cube, sources: Any) -> list[SourceRef]:
         if isinstance(sources, (str, bytes)) or not isinstance(sources, Iterable):
             raise InvalidRequest("sources must be a list of {memory_id, version}", field="sources")
         refs = []
@@ -282,7 +284,9 @@ class Memos:
                 raise InvalidRequest("each source needs memory_id and version", field="sources") from None
             check.memory_id(ref.memory_id)
             check.version(ref.version)
-            if self.ledger.state_at(txn, cube, ref.memory_id, ref.version) is None:
+            # A version past the cube's latest would read as the head: not a real reference.
+            if (ref.version > cube.version
+                    or self.ledger.state_at(txn, cube.name, ref.memory_id, ref.version) is None):
                 raise NotFound(f"source {ref.memory_id} does not exist at version {ref.version}",
                                memory=ref.memory_id, version=ref.version)
             refs.append(ref)
@@ -401,7 +405,7 @@ class Memos:
             mem.usage = self._usage_of(txn, found.name, mem.id)
             return mem
 
-        mem = self._read(actor, "get", cube, fn)
+        mem = self.read(actor, "get", cube, fn)
         self._usage.record(mem.cube, [mem.id])
         return mem
 
@@ -444,7 +448,7 @@ class Memos:
                     out.append(mem)
             return out
 
-        return self._read(actor, "list", cube, fn)
+        return self.read(actor, "list", cube, fn)
 
     def state(self, actor: Actor, cube: str, at: int | None = None) -> dict[str, bytes]:
         """Every memory's exact state bytes (all statuses), now or at a version."""
@@ -455,22 +459,25 @@ class Memos:
                     else self.ledger.iter_state_at(txn, found.name, self._version_in(found, at)))
             return {memory_id: state for memory_id, _, state in rows}
 
-        return self._read(actor, "state", cube, fn)
+        return self.read(actor, "state", cube, fn)
 
     def get_blob(self, actor: Actor, cube: str, sha256: str) -> bytes:
         def fn(txn: lmdb.Transaction) -> bytes:
             self._require(txn, actor, cube, Role.read)
             if not isinstance(sha256, str) or len(sha256) != 64:
                 raise InvalidRequest("blob id must be a sha256 hex digest", field="sha256")
-            return self.ledger.get_blob(txn, sha256)
+            return self.ledger.get_blob(txn, sha256, cube)
 
-        return self._read(actor, "get_blob", cube, fn)
+        return self.read(actor, "get_blob", cube, fn)
 
     # -- usage ----------------------------------------------------------
 
     def record_reads(self, cube: str, memory_ids: Iterable[str]) -> None:
         """Count reads (by search, by generation) without writing per read."""
-        self._usage.record(cube, memory_ids)
+        # Counts are written inside other callers' commits: a malformed key
+        # must be dropped here, not fail their writes later.
+        if isinstance(cube, str) and NAME_PATTERN.match(cube):
+            self._usage.record(cube, [m for m in memory_ids if is_id(m)])
 
     def _usage_of(self, txn: lmdb.Transaction, cube: str, memory_id: str) -> Usage:
         raw = txn.get(memory_key(cube, memory_id), db=self.store.db["usage"])
@@ -521,7 +528,7 @@ class Memos:
                     break
             return out
 
-        return self._read(actor, "history", cube, fn)
+        return self.read(actor, "history", cube, fn)
 
     def diff(self, actor: Actor, cube: str, v1: int, v2: int) -> list[DiffEntry]:
         """What changed from version ``v1`` to ``v2`` (either order)."""
@@ -541,16 +548,21 @@ class Memos:
                 out.append(DiffEntry(memory_id=memory_id, change=change, before=before, after=after))
             return out
 
-        return self._read(actor, "diff", cube, fn)
+        return self.read(actor, "diff", cube, fn)
 
     def write_rollback(self, actor: Actor, cube: Any, to_version: Any,
                        memory_ids: Sequence[str] | None = None, request_id: str | None = None) -> Write:
         """Restore the cube (or chosen memories) to ``to_version`` by a new commit."""
+        # Taken once: the unit may run again after the map grows, and a
+        # one-shot iterator would be empty the second time.
+        if memory_ids is not None and not isinstance(memory_ids, (str, bytes)) and isinstance(memory_ids, Iterable):
+            memory_ids = list(memory_ids)
 
         def fn(txn: lmdb.Transaction):
             found = self._require(txn, actor, cube, Role.admin)
             target = self._version_in(found, to_version)
             touched = self.ledger.touched_between(txn, found.name, target, found.version)
+            chosen: list[str] = []
             if memory_ids is not None:
                 if isinstance(memory_ids, (str, bytes)) or not isinstance(memory_ids, Iterable):
                     raise InvalidRequest("memory_ids must be a list of ids", field="memory_ids")
@@ -576,7 +588,7 @@ class Memos:
                     before=codec.sha256_hex(now_state) if now_state else None,
                     after=codec.sha256_hex(old_state) if old_state else None,
                 ))
-            info = {"to_version": target, "memory_ids": memory_ids and list(memory_ids)}
+            info = {"to_version": target, "memory_ids": None if memory_ids is None else chosen}
             commit = self._commit(txn, actor, found, "rollback", changes, info)
             return commit, version, {"to_version": target, "memories": [c.memory_id for c in changes]}
 
@@ -615,6 +627,13 @@ class Memos:
             raise InvalidRequest("n must be an integer from 1 to 10000", field="n")
         with self.store.read() as txn:
             return self.audit.tail(txn, n, after)
+
+
+def _encodable(value: Any) -> Any:
+    """A string that UTF-8 can encode (lone surrogates escaped), for audit records."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
 
 
 def _never(txn: lmdb.Transaction) -> Any:

@@ -153,7 +153,7 @@ class Ledger:
         else:
             txn.put(memory_key(cube, memory_id), codec.u64(version) + state, db=self.db["heads"])
         if blob_sha is not None:
-            self.add_blob_ref(txn, blob_sha)
+            self.add_blob_ref(txn, blob_sha, cube)
 
     # -- blobs ----------------------------------------------------------
 
@@ -164,19 +164,26 @@ class Ledger:
             txn.put(key, data, db=self.db["blobs"])
         return sha
 
-    def get_blob(self, txn: lmdb.Transaction, sha: str) -> bytes:
+    def get_blob(self, txn: lmdb.Transaction, sha: str, cube: str | None = None) -> bytes:
+        """A blob's bytes; with ``cube``, only if a memory of that cube refers to it."""
+        # Blobs are shared between cubes by content; without this check a reader
+        # of one cube could fetch another cube's blob by its hash.
+        if cube is not None and txn.get(check_key(cube_prefix(cube) + sha.encode()),
+                                        db=self.db["cube_blobs"]) is None:
+            raise NotFound(f"no blob {sha} in cube {cube!r}", blob=sha, cube=cube)
         raw = txn.get(check_key(sha.encode()), db=self.db["blobs"])
         if raw is None:
             raise NotFound(f"no blob {sha}", blob=sha)
         return bytes(raw)
 
-    def add_blob_ref(self, txn: lmdb.Transaction, sha: str) -> None:
+    def add_blob_ref(self, txn: lmdb.Transaction, sha: str, cube: str) -> None:
         key = sha.encode()
         if txn.get(key, db=self.db["blobs"]) is None:
             raise NotFound(f"no blob {sha}", blob=sha)
-        raw = txn.get(key, db=self.db["blob_refs"])
-        count = codec.from_u64(raw) if raw is not None else 0
-        txn.put(key, codec.u64(count + 1), db=self.db["blob_refs"])
+        for db, ref_key in ((self.db["blob_refs"], key), (self.db["cube_blobs"], cube_prefix(cube) + key)):
+            raw = txn.get(ref_key, db=db)
+            count = codec.from_u64(raw) if raw is not None else 0
+            txn.put(ref_key, codec.u64(count + 1), db=db)
 
     def blob_refs(self, txn: lmdb.Transaction, sha: str) -> int:
         raw = txn.get(sha.encode(), db=self.db["blob_refs"])

@@ -35,6 +35,7 @@ DATABASES: dict[str, str] = {
     "audit": "u64 seq -> AuditRecord",
     "blobs": "sha256 hex -> blob bytes",
     "blob_refs": "sha256 hex -> u64 count of version records referring to it",
+    "cube_blobs": "cube\\0sha256 hex -> u64 count of that cube's version records using it",
     "usage": "cube\\0memory id -> Usage record",
     "agents": "agent name -> Agent record (hashed token, created)",
     "requests": "client request id -> stored reply (idempotent retries)",
@@ -117,11 +118,19 @@ class Store:
             )
         except lmdb.Error as exc:
             raise StorageError(f"cannot open store at {self.path}: {exc}") from exc
-        stale = self.env.reader_check()  # slots of readers that died holding them
-        if stale:
-            log.warning("cleared %d stale LMDB reader slots", stale)
-        self.db = {name: self.env.open_db(name.encode()) for name in DATABASES}
-        self._migrate()
+        try:
+            stale = self.env.reader_check()  # slots of readers that died holding them
+            if stale:
+                log.warning("cleared %d stale LMDB reader slots", stale)
+            self.db = {name: self.env.open_db(name.encode()) for name in DATABASES}
+            self._migrate()
+        except BaseException as exc:
+            # An environment left open blocks every later open of this path in
+            # this process, so a refused store must be closed before raising.
+            self.env.close()
+            if isinstance(exc, lmdb.Error):
+                raise _translate(exc) from exc
+            raise
 
     # -- schema ---------------------------------------------------------
 
