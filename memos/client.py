@@ -1,0 +1,305 @@
+"""The client library: :class:`AsyncClient`, and :class:`Client` generated from it.
+
+One DEALER connection carries many concurrent requests; a reader task matches
+replies to callers by request id. A request that gets no reply in time is
+resent with the *same* id, so a retried write is applied once. Errors come
+back as the same exception classes the daemon raised (``memos.errors``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import os
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from . import protocol as p
+from .errors import InvalidRequest, MemosError, Timeout, TooLarge, from_wire
+from .ids import new_id
+from .models import AuditRecord, Checkpoint, Commit, Cube, DiffEntry, Memory, VerifyReport
+
+
+def default_socket() -> Path:
+    """Where memosd listens unless told otherwise: MEMOS_SOCKET, else the configured default."""
+    named = os.environ.get("MEMOS_SOCKET") or os.environ.get("MEMOS_DAEMON__SOCKET")
+    if named:
+        return Path(named)
+    from .config import load
+
+    return load().daemon.socket_path()
+
+
+class AsyncClient:
+    """Talk to memosd from asyncio code."""
+
+    def __init__(
+        self, socket: str | os.PathLike[str] | None = None, *, token: str | None = None,
+        timeout: float = 30.0, retries: int = 2, max_message_bytes: int = 64 << 20,
+    ) -> None:
+        self.socket_path = Path(socket) if socket is not None else default_socket()
+        self.token = token if token is not None else os.environ.get("MEMOS_TOKEN") or None
+        self.timeout = timeout
+        self.retries = retries
+        self.max_message_bytes = max_message_bytes
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    # -- plumbing -------------------------------------------------------
+
+    def _connect(self) -> zmq.asyncio.Socket:
+        if self._sock is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"ipc://{self.socket_path}")
+            self._sock = sock
+            self._reader = asyncio.get_running_loop().create_task(self._read_replies())
+        return self._sock
+
+    async def _read_replies(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                frame = await self._sock.recv()
+            except (zmq.ZMQError, asyncio.CancelledError):
+                return
+            try:
+                reply = p.decode(frame, 1 << 62)
+            except MemosError:
+                continue
+            future = self._pending.pop(reply.get("id"), None) if isinstance(reply.get("id"), str) else None
+            if future is not None and not future.done():
+                future.set_result(reply)
+
+    async def call(self, op: str, **args: Any) -> Any:
+        """Send one request and return its result, raising the daemon's error."""
+        if op not in p.OPS:
+            raise InvalidRequest(f"unknown operation {op!r}")
+        rid = new_id()
+        message: dict[str, Any] = {"v": p.PROTOCOL_VERSION, "id": rid, "op": op,
+                                   "args": {k: v for k, v in args.items() if v is not None}}
+        if self.token:
+            message["token"] = self.token
+        frame = p.encode(message)
+        if len(frame) > self.max_message_bytes:
+            raise TooLarge(f"request of {len(frame)} bytes exceeds {self.max_message_bytes}", size=len(frame))
+        sock = self._connect()
+        for _ in range(self.retries + 1):
+            future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            self._pending[rid] = future
+            await sock.send(frame)
+            try:
+                reply = await asyncio.wait_for(future, self.timeout)
+            except asyncio.TimeoutError:
+                continue  # resend with the same id: the daemon applies a write once
+            finally:
+                self._pending.pop(rid, None)
+            if reply.get("ok"):
+                return reply.get("result")
+            error = reply.get("error") or {}
+            raise from_wire(str(error.get("code", "internal")), str(error.get("message", "")),
+                            error.get("details") if isinstance(error.get("details"), dict) else None)
+        raise Timeout(f"no reply from memosd at {self.socket_path} after {self.retries + 1} tries of {self.timeout}s")
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except asyncio.CancelledError:
+                pass
+            self._reader = None
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- operations -----------------------------------------------------
+
+    async def ping(self) -> dict[str, Any]:
+        return await self.call("ping")
+
+    async def whoami(self) -> dict[str, Any]:
+        return await self.call("whoami")
+
+    async def agent_add(self, name: str) -> dict[str, Any]:
+        """Register an agent; the reply's ``token`` is shown only once."""
+        return await self.call("agent_add", name=name)
+
+    async def agent_list(self) -> list[dict[str, Any]]:
+        return await self.call("agent_list")
+
+    async def agent_remove(self, name: str) -> dict[str, Any]:
+        return await self.call("agent_remove", name=name)
+
+    async def cube_create(self, name: str, settings: dict[str, Any] | None = None) -> Cube:
+        return Cube.model_validate(await self.call("cube_create", name=name, settings=settings))
+
+    async def cube_list(self) -> list[Cube]:
+        return [Cube.model_validate(c) for c in await self.call("cube_list")]
+
+    async def cube_get(self, cube: str) -> Cube:
+        return Cube.model_validate(await self.call("cube_get", cube=cube))
+
+    async def cube_grant(self, cube: str, agent: str, role: str | None) -> Cube:
+        """Give ``agent`` read, write or admin on ``cube``; ``None`` revokes."""
+        return Cube.model_validate(await self.call("cube_grant", cube=cube, agent=agent, role=role))
+
+    async def add(
+        self, cube: str, text: str | None = None, *, tags: Sequence[str] | None = None,
+        metadata: dict[str, Any] | None = None, type: str | None = None, blob: bytes | None = None,
+        media_type: str | None = None, sources: Sequence[dict[str, Any]] | None = None,
+        policy: str | None = None,
+    ) -> Memory:
+        return Memory.model_validate(await self.call(
+            "add", cube=cube, text=text, tags=list(tags) if tags is not None else None, metadata=metadata,
+            type=type, blob=blob, media_type=media_type,
+            sources=list(sources) if sources is not None else None, policy=policy,
+        ))
+
+    async def add_many(self, cube: str, items: Sequence[dict[str, Any] | str]) -> list[Memory]:
+        """Add many memories in one commit; items are texts or maps of ``add``'s fields."""
+        wire_items = [{"text": i} if isinstance(i, str) else i for i in items]
+        return [Memory.model_validate(m) for m in await self.call("add_many", cube=cube, items=wire_items)]
+
+    async def get(self, cube: str, id: str, *, at: int | None = None, include_deleted: bool = False) -> Memory:
+        return Memory.model_validate(await self.call("get", cube=cube, id=id, at=at,
+                                                     include_deleted=include_deleted or None))
+
+    async def update(
+        self, cube: str, id: str, text: str | None = None, *, tags: Sequence[str] | None = None,
+        metadata: dict[str, Any] | None = None, status: str | None = None, expected_version: int | None = None,
+    ) -> Memory:
+        return Memory.model_validate(await self.call(
+            "update", cube=cube, id=id, text=text, tags=list(tags) if tags is not None else None,
+            metadata=metadata, status=status, expected_version=expected_version,
+        ))
+
+    async def delete(self, cube: str, id: str, *, expected_version: int | None = None) -> Memory:
+        return Memory.model_validate(await self.call("delete", cube=cube, id=id, expected_version=expected_version))
+
+    async def list(
+        self, cube: str, *, at: int | None = None, status: str | None = None, tag: str | None = None,
+        limit: int | None = None, after: str | None = None,
+    ) -> list[Memory]:
+        """Memories in creation order; ``status="all"`` includes archived and deleted."""
+        rows = await self.call("list", cube=cube, at=at, status=status, tag=tag, limit=limit, after=after)
+        return [Memory.model_validate(m) for m in rows]
+
+    async def history(self, cube: str, *, memory_id: str | None = None, limit: int | None = None,
+                      before: int | None = None) -> list[Commit]:
+        rows = await self.call("history", cube=cube, memory_id=memory_id, limit=limit, before=before)
+        return [Commit.model_validate(c) for c in rows]
+
+    async def diff(self, cube: str, v1: int, v2: int) -> list[DiffEntry]:
+        return [DiffEntry.model_validate(d) for d in await self.call("diff", cube=cube, v1=v1, v2=v2)]
+
+    async def rollback(self, cube: str, to_version: int, memory_ids: Sequence[str] | None = None) -> Commit:
+        return Commit.model_validate(await self.call(
+            "rollback", cube=cube, to_version=to_version,
+            memory_ids=list(memory_ids) if memory_ids is not None else None,
+        ))
+
+    async def get_blob(self, cube: str, sha256: str) -> bytes:
+        return await self.call("get_blob", cube=cube, sha256=sha256)
+
+    async def audit_verify(self, checkpoint: Checkpoint | dict[str, Any] | None = None) -> VerifyReport:
+        if isinstance(checkpoint, Checkpoint):
+            checkpoint = checkpoint.model_dump()
+        return VerifyReport.model_validate(await self.call("audit_verify", checkpoint=checkpoint))
+
+    async def audit_tail(self, n: int = 20, after: int | None = None) -> list[AuditRecord]:
+        return [AuditRecord.model_validate(r) for r in await self.call("audit_tail", n=n, after=after)]
+
+    async def audit_checkpoint(self) -> Checkpoint:
+        return Checkpoint.model_validate(await self.call("audit_checkpoint"))
+
+    async def events(self, cube: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Change events as they happen, for one cube or all."""
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.connect(f"ipc://{self.socket_path}.events")
+        sub.setsockopt(zmq.SUBSCRIBE, cube.encode() if cube else b"")
+        try:
+            while True:
+                topic, body = await sub.recv_multipart()
+                if cube is None or topic == cube.encode():
+                    yield p.decode(body, 1 << 30)
+        finally:
+            sub.close(linger=0)
+
+
+class _Loop:
+    """A private event loop on a daemon thread, shared by sync clients."""
+
+    _lock = threading.Lock()
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def get(cls) -> asyncio.AbstractEventLoop:
+        with cls._lock:
+            if cls._loop is None or cls._loop.is_closed():
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="memos-client", daemon=True).start()
+                cls._loop = loop
+            return cls._loop
+
+
+def _blocking(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def run(self: Client, *args: Any, **kwargs: Any) -> Any:
+        coro = getattr(self._async, name)(*args, **kwargs)
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    run.__doc__ = method.__doc__
+    return run
+
+
+class Client:
+    """The blocking client: every coroutine method of AsyncClient, run to completion."""
+
+    def __init__(self, socket: str | os.PathLike[str] | None = None, **options: Any) -> None:
+        self._loop = _Loop.get()
+        self._async = AsyncClient(socket, **options)
+
+    @property
+    def socket_path(self) -> Path:
+        return self._async.socket_path
+
+    def events(self, cube: str | None = None, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """Change events; stops after ``timeout`` seconds without one (None: never)."""
+        sub = zmq.Context.instance().socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.connect(f"ipc://{self._async.socket_path}.events")
+        sub.setsockopt(zmq.SUBSCRIBE, cube.encode() if cube else b"")
+        try:
+            while sub.poll(None if timeout is None else int(timeout * 1000)):
+                topic, body = sub.recv_multipart()
+                if cube is None or topic == cube.encode():
+                    yield p.decode(body, 1 << 30)
+        finally:
+            sub.close(linger=0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+for _name, _method in inspect.getmembers(AsyncClient, inspect.iscoroutinefunction):
+    if not _name.startswith("_") and _name not in ("__aenter__", "__aexit__"):
+        setattr(Client, _name, _blocking(_name, _method))
