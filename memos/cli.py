@@ -1,0 +1,229 @@
+"""``memosctl``: the command line for memosd.
+
+Every command prints a short human form, or with ``--json`` the full result as
+JSON on stdout. A failed request exits non-zero with ``code: message`` on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from .client import Client
+from .errors import MemosError
+
+EXIT_ERROR = 1
+EXIT_VERIFY_FAILED = 3
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _short(text: str | None, width: int = 70) -> str:
+    text = (text or "").replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _memory_line(m: dict[str, Any]) -> str:
+    tags = f" [{', '.join(m['tags'])}]" if m.get("tags") else ""
+    status = "" if m.get("status") == "active" else f" ({m['status']})"
+    body = m.get("text") if m.get("text") is not None else f"<{m['type']} blob {m['blob']['size']} bytes>"
+    return f"{m['id']}  v{m['version']}{status}  {_short(body)}{tags}"
+
+
+def _human(command: str, value: Any) -> str:
+    if command in ("add", "get", "update", "delete"):
+        return _memory_line(value)
+    if command == "list":
+        return "\n".join(_memory_line(m) for m in value) or "(no memories)"
+    if command == "history":
+        return "\n".join(
+            f"v{c['version']:<6} {c['op']:<12} {c['actor']:<16} {len(c['changes'])} change(s)" for c in value
+        )
+    if command == "diff":
+        return "\n".join(
+            f"{d['change']:<9} {d['memory_id']}  {_short((d.get('after') or d.get('before') or {}).get('text'), 60)}"
+            for d in value
+        ) or "(no differences)"
+    if command in ("cube list",):
+        return "\n".join(f"{c['name']:<24} v{c['version']:<6} owner={c['owner']}" for c in value) or "(no cubes)"
+    if command in ("cube create", "cube grant", "cube get"):
+        roles = ", ".join(f"{a}={r}" for a, r in value["acl"].items())
+        return f"{value['name']}  v{value['version']}  owner={value['owner']}  acl: {roles}"
+    if command == "rollback":
+        return f"rolled back to v{value['info']['to_version']} as v{value['version']}: {len(value['changes'])} change(s)"
+    if command == "agent add":
+        return f"agent {value['name']} token (shown once):\n{value['token']}"
+    if command == "audit verify":
+        if value["ok"]:
+            return f"audit chain ok: {value['records']} records, head {value['head']['seq']}:{value['head']['head']}"
+        return f"AUDIT CHAIN BROKEN at record {value['first_bad']}: {value['reason']}"
+    if command == "audit tail":
+        return "\n".join(
+            f"{r['seq']:>7} {r['outcome']:<6} {r['actor']:<16} {r['op']:<12} {r.get('cube') or '-':<16} "
+            f"{json.dumps(r['detail'])[:60]}" for r in value
+        )
+    return json.dumps(value, indent=2, default=str)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS lets the options stand before or after the command without one resetting the other.
+    common.add_argument("--socket", default=argparse.SUPPRESS, help="memosd socket (default: MEMOS_SOCKET or the configured path)")
+    common.add_argument("--token", default=argparse.SUPPRESS, help="agent token (default: MEMOS_TOKEN; none = local admin)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the result as JSON")
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds to wait for a reply")
+
+    parser = argparse.ArgumentParser(prog="memosctl", description="Talk to memosd.", parents=[common])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, parent: Any = commands) -> argparse.ArgumentParser:
+        return parent.add_parser(name, help=help, parents=[common])
+
+    command("ping", "check that memosd answers")
+    command("whoami", "the agent the daemon sees")
+
+    agent = commands.add_parser("agent", help="agents and their tokens").add_subparsers(dest="sub", required=True)
+    command("add", "register an agent and print its token", agent).add_argument("name")
+    command("list", "registered agents", agent)
+    command("remove", "revoke an agent's token", agent).add_argument("name")
+
+    cube = commands.add_parser("cube", help="cubes and their ACLs").add_subparsers(dest="sub", required=True)
+    command("create", "create a cube", cube).add_argument("name")
+    command("list", "cubes you may read", cube)
+    command("get", "one cube", cube).add_argument("cube")
+    grant = command("grant", "give an agent a role (read, write, admin, none)", cube)
+    grant.add_argument("cube")
+    grant.add_argument("agent")
+    grant.add_argument("role", choices=["read", "write", "admin", "none"])
+
+    add = command("add", "add a plaintext memory")
+    add.add_argument("cube")
+    add.add_argument("text")
+    add.add_argument("--tag", action="append", dest="tags", help="a tag (repeatable)")
+    add.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE", help="a metadata entry (repeatable)")
+
+    get = command("get", "one memory, now or at a version")
+    get.add_argument("cube")
+    get.add_argument("id")
+    get.add_argument("--at", type=int, metavar="VERSION")
+    get.add_argument("--include-deleted", action="store_true")
+
+    update = command("update", "replace a memory's text")
+    update.add_argument("cube")
+    update.add_argument("id")
+    update.add_argument("text")
+    update.add_argument("--tag", action="append", dest="tags", help="replace the tags (repeatable)")
+
+    delete = command("delete", "delete a memory (history is kept)")
+    delete.add_argument("cube")
+    delete.add_argument("id")
+
+    list_ = command("list", "memories of a cube")
+    list_.add_argument("cube")
+    list_.add_argument("--limit", type=int)
+    list_.add_argument("--at", type=int, metavar="VERSION")
+    list_.add_argument("--tag")
+    list_.add_argument("--status", choices=["active", "archived", "deleted", "all"])
+
+    history = command("history", "commits of a cube, newest first")
+    history.add_argument("cube")
+    history.add_argument("--memory", help="only commits that touched this memory")
+    history.add_argument("--limit", type=int)
+
+    diff = command("diff", "what changed between two versions")
+    diff.add_argument("cube")
+    diff.add_argument("v1", type=int)
+    diff.add_argument("v2", type=int)
+
+    rollback = command("rollback", "restore a cube (or memories) to a version")
+    rollback.add_argument("cube")
+    rollback.add_argument("--to", type=int, required=True, metavar="VERSION", dest="to_version")
+    rollback.add_argument("--memory", action="append", dest="memory_ids", help="only this memory (repeatable)")
+
+    audit = commands.add_parser("audit", help="the audit log").add_subparsers(dest="sub", required=True)
+    verify = command("verify", "check the audit chain", audit)
+    verify.add_argument("--checkpoint", type=Path, help="a checkpoint file written by `audit checkpoint`")
+    verify.add_argument("--strict", action="store_true", help=f"exit {EXIT_VERIFY_FAILED} when the chain is broken")
+    tail = command("tail", "the last audit records", audit)
+    tail.add_argument("-n", type=int, default=20)
+    command("checkpoint", "print the audit head (save it to verify later)", audit)
+    return parser
+
+
+def _metadata(pairs: Sequence[str]) -> dict[str, Any] | None:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"memosctl: --meta needs KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out or None
+
+
+def _run(client: Client, a: argparse.Namespace) -> tuple[str, Any]:
+    name = a.command + (f" {a.sub}" if getattr(a, "sub", None) else "")
+    calls: dict[str, Callable[[], Any]] = {
+        "ping": client.ping,
+        "whoami": client.whoami,
+        "agent add": lambda: client.agent_add(a.name),
+        "agent list": client.agent_list,
+        "agent remove": lambda: client.agent_remove(a.name),
+        "cube create": lambda: client.cube_create(a.name),
+        "cube list": client.cube_list,
+        "cube get": lambda: client.cube_get(a.cube),
+        "cube grant": lambda: client.cube_grant(a.cube, a.agent, None if a.role == "none" else a.role),
+        "add": lambda: client.add(a.cube, a.text, tags=a.tags, metadata=_metadata(a.meta)),
+        "get": lambda: client.get(a.cube, a.id, at=a.at, include_deleted=a.include_deleted),
+        "update": lambda: client.update(a.cube, a.id, a.text, tags=a.tags),
+        "delete": lambda: client.delete(a.cube, a.id),
+        "list": lambda: client.list(a.cube, limit=a.limit, at=a.at, tag=a.tag, status=a.status),
+        "history": lambda: client.history(a.cube, memory_id=a.memory, limit=a.limit),
+        "diff": lambda: client.diff(a.cube, a.v1, a.v2),
+        "rollback": lambda: client.rollback(a.cube, a.to_version, a.memory_ids),
+        "audit verify": lambda: client.audit_verify(
+            json.loads(a.checkpoint.read_text()) if a.checkpoint else None),
+        "audit tail": lambda: client.audit_tail(a.n),
+        "audit checkpoint": client.audit_checkpoint,
+    }
+    return name, _plain(calls[name]())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    options: dict[str, Any] = {}
+    if getattr(args, "token", None):
+        options["token"] = args.token
+    if getattr(args, "timeout", None):
+        options["timeout"] = args.timeout
+    try:
+        with Client(getattr(args, "socket", None), **options) as client:
+            name, result = _run(client, args)
+    except MemosError as exc:
+        print(f"memosctl: {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        print(f"memosctl: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(json.dumps(result, indent=2, default=str) if getattr(args, "json", False) else _human(name, result))
+    if name == "audit verify" and args.strict and not result["ok"]:
+        return EXIT_VERIFY_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
