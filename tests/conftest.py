@@ -1,0 +1,55 @@
+"""Shared fixtures for the store tests: a fresh store per test, and helpers
+that capture everything a caller can observe so tests can assert "unchanged"."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+
+from memos.api import LOCAL_ADMIN, Actor, Memos
+
+ALICE = Actor("alice")
+BOB = Actor("bob")
+CAROL = Actor("carol")
+
+
+@pytest.fixture
+def store_dir(tmp_path):
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def memos(store_dir):
+    m = Memos(store_dir)
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def cube(memos):
+    """A cube named 'notes' owned by alice."""
+    memos.create_cube(ALICE, "notes")
+    return "notes"
+
+
+def observable(m: Memos) -> dict:
+    """Everything a reader sees: cubes, each cube's exact state bytes and history."""
+    out: dict = {"cubes": sorted((c.name, c.owner, sorted(c.acl.items()), c.version)
+                                 for c in m.list_cubes(LOCAL_ADMIN))}
+    for c in m.list_cubes(LOCAL_ADMIN):
+        out[f"state:{c.name}"] = m.state(LOCAL_ADMIN, c.name)
+        out[f"history:{c.name}"] = [h.model_dump() for h in m.history(LOCAL_ADMIN, c.name)]
+    stats = m.store.stats()
+    out["counts"] = {k: stats[k] for k in ("cubes", "heads", "versions", "commits", "blobs", "blob_refs")}
+    return out
+
+
+def audit_seq(m: Memos) -> int:
+    return m.audit_checkpoint(LOCAL_ADMIN).seq
+
+
+def last_audit(m: Memos):
+    return m.audit_tail(LOCAL_ADMIN, 1)[0]
