@@ -82,6 +82,8 @@ class Server:
         self._out_sockets: list[zmq.Socket] = []
         self._out_lock = threading.Lock()
         self._tokens: dict[str, Actor] = {}
+        self._tokens_lock = threading.Lock()
+        self._tokens_generation = 0  # bumped by forget_tokens: older lookups are not cached
 
     # -- lifecycle ------------------------------------------------------
 
@@ -153,6 +155,7 @@ class Server:
         while self._in_flight > 0 and self._pull.poll(2000):
             self._forward()
         self.memos.close()
+        self._zap_thread.join()  # it sees _stop within one poll; its socket must close before term()
         with self._out_lock:
             for sock in self._out_sockets:
                 sock.close(linger=0)
@@ -231,6 +234,8 @@ class Server:
             actor = self._authenticate(uid, envelope.token)
             if envelope.op in handlers.WRITES:
                 write = handlers.WRITES[envelope.op](self.ctx, actor, args, envelope.id)
+                if envelope.op == "agent_remove":
+                    reply = self._forgetting_tokens(reply)
                 self.writer.submit(Job(actor, envelope.id, write, reply))
                 return
             audited = True
@@ -257,15 +262,31 @@ class Server:
         if token is not None:
             actor = self._tokens.get(token)
             if actor is None:
+                generation = self._tokens_generation
                 actor = self.ctx.agents.authenticate(token)
-                self._tokens[token] = actor
+                with self._tokens_lock:
+                    # A token checked against a snapshot older than a removal
+                    # that has since forgotten tokens must not be cached.
+                    if generation == self._tokens_generation:
+                        self._tokens[token] = actor
             return actor
         if uid == str(os.getuid()):
             return LOCAL_ADMIN
         raise Unauthenticated("this user must present an agent token")
 
     def forget_tokens(self) -> None:
-        self._tokens.clear()
+        with self._tokens_lock:
+            self._tokens_generation += 1
+            self._tokens.clear()
+
+    def _forgetting_tokens(self, reply):
+        """Wrap an agent_remove's reply: once its commit is durable, drop verified tokens."""
+
+        def send(message: dict[str, Any]) -> None:
+            self.forget_tokens()  # runs in the writer after the commit, before the reply leaves
+            reply(message)
+
+        return send
 
     # -- ZAP ----------------------------------------------------------------
 
