@@ -84,8 +84,12 @@ class AsyncClient:
         if op not in p.OPS:
             raise InvalidRequest(f"unknown operation {op!r}")
         rid = new_id()
+        # None means "not given", except for a required field whose value may be
+        # null (cube_grant's role: null revokes), which must be sent as such.
+        fields = p.OPS[op].args.model_fields
         message: dict[str, Any] = {"v": p.PROTOCOL_VERSION, "id": rid, "op": op,
-                                   "args": {k: v for k, v in args.items() if v is not None}}
+                                   "args": {k: v for k, v in args.items()
+                                            if v is not None or (k in fields and fields[k].is_required())}}
         if self.token:
             message["token"] = self.token
         frame = p.encode(message)
