@@ -1,0 +1,259 @@
+"""A real memosd in a subprocess, for integration tests.
+
+``Daemon`` starts ``memosd`` on an ipc socket inside a fresh private temp dir
+(under /tmp, so the socket path stays well below the ipc length limit), waits
+until ``ping`` answers, and on ``stop`` sends SIGTERM and checks a clean exit.
+``restart`` starts it again on the same data dir. ``Raw`` is a bare DEALER for
+sending frames the client library would never send.
+
+Test modules import the fixtures they need from here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import msgpack
+import pytest
+import zmq
+
+from memos import protocol as p
+from memos.client import Client
+from memos.errors import MemosError
+from memos.ids import new_id
+
+ROOT = Path(__file__).resolve().parent.parent
+MEMOSD = [sys.executable, "-m", "memos.daemon.main"]
+
+
+class Daemon:
+    """One memosd process (and its successors after restarts) on one data dir."""
+
+    def __init__(self, root: Path | None = None, env: dict[str, str] | None = None,
+                 socket: Path | None = None) -> None:
+        self.root = root or Path(tempfile.mkdtemp(prefix="memosd-", dir="/tmp"))
+        os.chmod(self.root, 0o700)
+        self.data_dir = self.root / "data"
+        self.socket = socket or self.root / "run" / "memosd.sock"
+        self.env = dict(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.logs: list[Path] = []
+        self._clients: list[Client] = []
+
+    # -- process control --------------------------------------------------
+
+    def spawn(self, *extra: str, env: dict[str, str] | None = None, socket: Path | None = None,
+              data_dir: Path | None = None) -> subprocess.Popen[bytes]:
+        """Start a memosd process without waiting (for lifecycle tests)."""
+        log = self.root / f"memosd-{len(self.logs)}.log"
+        self.logs.append(log)
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **self.env, **(env or {})}
+        args = [*MEMOSD, "--data-dir", str(data_dir or self.data_dir), "--socket", str(socket or self.socket), *extra]
+        with open(log, "wb") as out:
+            return subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+
+    def start(self, timeout: float = 20.0) -> Daemon:
+        (self.socket.parent).mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.proc = self.spawn()
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        client = Client(self.socket, timeout=0.5, retries=0)
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"memosd exited with {self.proc.returncode}:\n{self.log()}")
+                if self.socket.exists():
+                    try:
+                        if client.ping()["pid"] == self.proc.pid:
+                            return
+                    except MemosError:
+                        pass
+                time.sleep(0.05)
+        finally:
+            client.close()
+        raise AssertionError(f"memosd did not answer ping in {timeout}s:\n{self.log()}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """Signal memosd, wait for it and check that it shut down cleanly (exit 0)."""
+        self.close_clients()
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"memosd did not stop within {timeout}s:\n{self.log()}") from None
+        assert code == 0, f"memosd exited with {code}:\n{self.log()}"
+        self.check_log()
+        assert not self.socket.exists(), "a clean stop must remove the socket"
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup at all, as after a crash."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def restart(self, timeout: float = 20.0) -> Daemon:
+        if self.alive():
+            self.stop()
+        self.close_clients()
+        return self.start(timeout)
+
+    def cleanup(self) -> None:
+        self.close_clients()
+        if self.alive():
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- logs ---------------------------------------------------------------
+
+    def log(self, index: int = -1) -> str:
+        return self.logs[index].read_text(errors="replace") if self.logs else ""
+
+    def check_log(self) -> None:
+        """A bug answered with 'internal' is still a bug: no tracebacks in the log."""
+        text = self.log()
+        assert "Traceback" not in text and '"exception"' not in text, text[-4000:]
+
+    # -- clients ------------------------------------------------------------
+
+    def client(self, token: str | None = None, **options: Any) -> Client:
+        options.setdefault("timeout", 15.0)
+        options.setdefault("retries", 0)
+        c = Client(self.socket, token=token, **options)
+        self._clients.append(c)
+        return c
+
+    def close_clients(self) -> None:
+        while self._clients:
+            self._clients.pop().close()
+
+    def raw(self) -> Raw:
+        return Raw(self.socket)
+
+
+class Raw:
+    """A bare DEALER on memosd's socket: sends frames as given, reads replies."""
+
+    ctx = zmq.Context()
+
+    def __init__(self, socket: Path) -> None:
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(f"ipc://{socket}")
+
+    def send(self, *frames: bytes) -> None:
+        self.sock.send_multipart(list(frames))
+
+    def recv(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The next reply, decoded; fails if none arrives in time."""
+        if not self.sock.poll(int(timeout * 1000)):
+            raise AssertionError(f"no reply within {timeout}s")
+        frames = self.sock.recv_multipart()
+        assert len(frames) == 1, f"a reply is one frame, got {len(frames)}"
+        reply = msgpack.unpackb(frames[0], raw=False)
+        assert isinstance(reply, dict), reply
+        return reply
+
+    def nothing_more(self, wait: float = 0.05) -> bool:
+        return not self.sock.poll(int(wait * 1000))
+
+    def exchange(self, *frames: bytes, timeout: float = 10.0, settle: float = 0.0) -> dict[str, Any]:
+        """Send, and return the one reply (with ``settle``, also check that no second one follows)."""
+        self.send(*frames)
+        reply = self.recv(timeout)
+        if settle:
+            assert self.nothing_more(settle), "more than one reply to one request"
+        return reply
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+    def __enter__(self) -> Raw:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def request(op: str, args: dict[str, Any] | None = None, *, rid: str | None = None,
+            token: str | None = None, v: int = p.PROTOCOL_VERSION) -> dict[str, Any]:
+    message: dict[str, Any] = {"v": v, "id": rid or new_id(), "op": op, "args": args or {}}
+    if token is not None:
+        message["token"] = token
+    return message
+
+
+def frame(op: str, args: dict[str, Any] | None = None, **kw: Any) -> bytes:
+    return p.encode(request(op, args, **kw))
+
+
+# -- fixtures -------------------------------------------------------------------
+
+def _running(env: dict[str, str] | None = None):
+    d = Daemon(env=env).start()
+    try:
+        yield d
+        if d.alive():
+            d.stop()
+    finally:
+        d.cleanup()
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    """One memosd per test module; tests use cube and agent names of their own."""
+    yield from _running()
+
+
+@pytest.fixture
+def fresh_daemon():
+    """A memosd of this test alone (it may stop, kill or restart it)."""
+    yield from _running()
+
+
+@pytest.fixture
+def make_daemon():
+    """Build unstarted Daemons; all are killed and removed afterwards."""
+    made: list[Daemon] = []
+
+    def make(**kw: Any) -> Daemon:
+        d = Daemon(**kw)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.cleanup()
+
+
+@pytest.fixture
+def admin(daemon):
+    """A client of the local administrator (no token: the daemon's own user)."""
+    return daemon.client()
