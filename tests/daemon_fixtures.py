@@ -257,3 +257,60 @@ def make_daemon():
 def admin(daemon):
     """A client of the local administrator (no token: the daemon's own user)."""
     return daemon.client()
+
+
+# -- agent processes ------------------------------------------------------------
+
+# Run with ``python -c AGENT_SCRIPT <json config>``: one agent process adding to a
+# shared cube and its private cube, and now and then trying another agent's
+# private cube. It prints one JSON line: what was acknowledged and refused.
+AGENT_SCRIPT = r"""
+import json, os, sys, time
+cfg = json.loads(sys.argv[1])
+from memos.client import Client
+from memos.errors import Denied
+c = Client(cfg["socket"], token=cfg["token"], timeout=60, retries=0)
+open(cfg["ready"], "w").close()
+while not os.path.exists(cfg["go"]):
+    time.sleep(0.005)
+out = {"shared": [], "private": [], "denied": 0, "leaked": 0}
+for i in range(cfg["n"]):
+    m = c.add(cfg["shared"], f"{cfg['name']} shared {i}")
+    out["shared"].append([m.id, m.text, m.version])
+    m = c.add(cfg["private"], f"{cfg['name']} private {i}")
+    out["private"].append([m.id, m.text, m.version])
+    if i % 10 == 0 and cfg["foreign"]:
+        try:
+            c.add(cfg["foreign"], "intrusion")
+            out["leaked"] += 1
+        except Denied:
+            out["denied"] += 1
+c.close()
+print(json.dumps(out))
+"""
+
+
+def run_agents(daemon: Daemon, configs: list[dict[str, Any]], timeout: float = 120.0) -> list[dict[str, Any]]:
+    """Start one agent process per config, release them together, return their reports."""
+    import json
+
+    go = daemon.root / f"go-{new_id()}"
+    procs = []
+    for i, cfg in enumerate(configs):
+        cfg = {**cfg, "socket": str(daemon.socket), "go": str(go), "ready": str(go) + f".ready{i}"}
+        procs.append((cfg, subprocess.Popen([sys.executable, "-c", AGENT_SCRIPT, json.dumps(cfg)], cwd=ROOT,
+                                            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
+    deadline = time.monotonic() + timeout
+    while not all(os.path.exists(cfg["ready"]) for cfg, _ in procs):
+        assert time.monotonic() < deadline, "agent processes did not start"
+        for _, proc in procs:
+            assert proc.poll() is None, proc.communicate()[1].decode()
+        time.sleep(0.01)
+    go.touch()
+    reports = []
+    for _, proc in procs:
+        out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        assert proc.returncode == 0, err.decode()
+        reports.append(json.loads(out.decode().strip().splitlines()[-1]))
+    return reports
