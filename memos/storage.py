@@ -162,15 +162,25 @@ class Store:
     @contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:
         """A consistent snapshot for reads; several may run at once."""
-        with self._gate.open():
-            try:
-                with self.env.begin(write=False) as txn:
-                    yield txn
-            except lmdb.MapResizedError:
-                self._adopt_resize()
-                raise StorageError("map was resized by another process; retry") from None
-            except lmdb.Error as exc:
-                raise _translate(exc) from exc
+        for _ in range(3):
+            with self._gate.open():
+                try:
+                    txn = self.env.begin(write=False)
+                except lmdb.MapResizedError:
+                    txn = None  # adopt the new size below, outside the gate
+                except lmdb.Error as exc:
+                    raise _translate(exc) from exc
+                if txn is not None:
+                    try:
+                        with txn:
+                            yield txn
+                    except lmdb.Error as exc:
+                        raise _translate(exc) from exc
+                    return
+            # Adopting needs every transaction of this process closed, this
+            # read's gate slot included: doing it inside the gate deadlocked.
+            self._adopt_resize()
+        raise StorageError("map keeps being resized by another process; retry")
 
     def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
         """Run ``fn`` in one durable write transaction; replay it if the map fills."""

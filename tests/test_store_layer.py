@@ -7,6 +7,8 @@ import os
 import stat
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import lmdb
 import pytest
@@ -202,3 +204,56 @@ def test_lmdb_errors_are_typed(store_dir):
         assert err.value.code == "invalid_request"
     finally:
         store.close()
+
+
+_GROW_ELSEWHERE = """
+import os, sys
+from memos.api import LOCAL_ADMIN, Memos
+from memos.storage import StoreOptions
+with Memos(sys.argv[1], options=StoreOptions(map_size=64 * 1024)) as m:
+    mem = m.add(LOCAL_ADMIN, "c", None, type="activation", blob=os.urandom(3 << 20))
+    print(m.store.env.info()["map_size"], mem.id, flush=True)
+"""
+
+
+def test_map_grown_by_another_process_is_adopted(store_dir):
+    """A read or write after another process grew the map adopts the new size (no deadlock)."""
+    m = Memos(store_dir, options=StoreOptions(map_size=64 * 1024))
+    try:
+        m.create_cube(ALICE, "c")
+        mine = m.add(ALICE, "c", "before")
+        ours = m.store.env.info()["map_size"]
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+        out = subprocess.run([sys.executable, "-c", _GROW_ELSEWHERE, str(store_dir)], env=env,
+                             capture_output=True, text=True, check=True, timeout=60).stdout.split()
+        theirs, their_id = int(out[0]), out[1]
+        assert theirs > ours
+        result: dict = {}
+
+        def read() -> None:
+            result["text"] = m.get(ALICE, "c", mine.id).text
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(20)
+        assert not reader.is_alive(), "read deadlocked adopting the new map size"
+        assert result["text"] == "before"
+        assert m.store.env.info()["map_size"] >= theirs
+        assert len(m.get_blob(ALICE, "c", m.get(ALICE, "c", their_id).blob.sha256)) == 3 << 20
+        m.add(ALICE, "c", "after")
+        assert m.get_cube(ALICE, "c").version == 3
+    finally:
+        m.close()
+
+
+def test_map_grown_by_another_process_is_adopted_by_a_write(store_dir):
+    m = Memos(store_dir, options=StoreOptions(map_size=64 * 1024))
+    try:
+        m.create_cube(ALICE, "c")
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+        subprocess.run([sys.executable, "-c", _GROW_ELSEWHERE, str(store_dir)], env=env,
+                       capture_output=True, text=True, check=True, timeout=60)
+        m.add(ALICE, "c", "first write after the other process grew the map")
+        assert m.get_cube(ALICE, "c").version == 2
+    finally:
+        m.close()
