@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import lmdb
@@ -304,6 +304,11 @@ class Memos:
 
     def write_add_many(self, actor: Actor, cube: Any, items: Sequence[NewMemory],
                        request_id: str | None = None, op: str = "add_many") -> Write:
+        items = _once(items)
+        if isinstance(items, list):
+            items = [replace(it, tags=_once(it.tags), sources=_once(it.sources)) if isinstance(it, NewMemory) else it
+                     for it in items]
+
         def fn(txn: lmdb.Transaction):
             found = self._require(txn, actor, cube, Role.write)
             if not items:
@@ -340,6 +345,7 @@ class Memos:
         request_id: str | None = None, op: str = "update",
     ) -> Write:
         """Change text, tags, metadata or status; only the fields given change."""
+        tags = _once(tags)
 
         def fn(txn: lmdb.Transaction):
             found = self._require(txn, actor, cube, Role.write)
@@ -553,10 +559,7 @@ class Memos:
     def write_rollback(self, actor: Actor, cube: Any, to_version: Any,
                        memory_ids: Sequence[str] | None = None, request_id: str | None = None) -> Write:
         """Restore the cube (or chosen memories) to ``to_version`` by a new commit."""
-        # Taken once: the unit may run again after the map grows, and a
-        # one-shot iterator would be empty the second time.
-        if memory_ids is not None and not isinstance(memory_ids, (str, bytes)) and isinstance(memory_ids, Iterable):
-            memory_ids = list(memory_ids)
+        memory_ids = _once(memory_ids)
 
         def fn(txn: lmdb.Transaction):
             found = self._require(txn, actor, cube, Role.admin)
@@ -625,8 +628,19 @@ class Memos:
         self._admin_only(actor, "audit_tail")
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 10_000:
             raise InvalidRequest("n must be an integer from 1 to 10000", field="n")
+        if after is not None:
+            check.version(after, "after")  # a negative or non-int seq cannot be encoded as a key
         with self.store.read() as txn:
             return self.audit.tail(txn, n, after)
+
+
+def _once(value: Any) -> Any:
+    """A one-shot iterator as a list, taken when a Write is built.
+
+    A unit may run again after the map grows; an iterator consumed by the
+    first run would be empty the second time.
+    """
+    return list(value) if isinstance(value, Iterator) else value
 
 
 def _encodable(value: Any) -> Any:

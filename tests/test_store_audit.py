@@ -7,7 +7,7 @@ import pytest
 from conftest import ALICE, BOB
 from memos import codec
 from memos.api import LOCAL_ADMIN
-from memos.errors import Denied, NotFound
+from memos.errors import Denied, InvalidRequest, NotFound
 
 
 @pytest.fixture
@@ -136,3 +136,11 @@ def test_audit_record_lists_memories_and_version(memos, cube):
     assert (record.op, record.version, record.cube) == ("add_many", 1, cube)
     assert record.detail["memories"] == [m.id for m in mems[:100]]
     assert record.detail["memories_total"] == 150
+
+
+def test_audit_tail_checks_its_arguments(logged):
+    for kwargs in ({"n": 0}, {"n": True}, {"n": 2, "after": -1}, {"n": 2, "after": "3"}):
+        with pytest.raises(InvalidRequest) as err:
+            logged.audit_tail(LOCAL_ADMIN, **kwargs)
+        assert err.value.code == "invalid_request", kwargs
+    assert logged.audit_tail(LOCAL_ADMIN, 5, after=11) == []

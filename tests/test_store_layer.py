@@ -257,3 +257,32 @@ def test_map_grown_by_another_process_is_adopted_by_a_write(store_dir):
         assert m.get_cube(ALICE, "c").version == 2
     finally:
         m.close()
+
+
+def test_replay_after_map_growth_keeps_iterator_arguments(store_dir):
+    """Units replayed after the map grows see the same tags, sources and ids as the first run."""
+    m = Memos(store_dir, options=StoreOptions(map_size=64 * 1024))
+    try:
+        m.create_cube(ALICE, "c")
+        a, b = m.add_many(ALICE, "c", [NewMemory(text="a"), NewMemory(text="b")])
+        m.update(ALICE, "c", a.id, text="a2")
+        start = m.store.env.info()["map_size"]
+        # The iterator units run first, then the fillers overflow the map.
+        writes = [
+            m.write_update(ALICE, "c", b.id, tags=iter(["from", "iterator"])),
+            m.write_add(ALICE, "c", NewMemory(text="derived", tags=iter(["t"]),
+                                              sources=iter([{"memory_id": a.id, "version": 1}]))),
+            m.write_rollback(ALICE, "c", 1, memory_ids=iter([a.id])),
+        ]
+        writes += [m.write_add(ALICE, "c", NewMemory(text=f"filler {i} " + "z" * 30_000)) for i in range(40)]
+        results = m.apply(writes)
+        assert m.store.env.info()["map_size"] > start  # the group was replayed
+        assert not [r for r in results if isinstance(r, Exception)]
+        assert m.get(ALICE, "c", b.id).tags == ["from", "iterator"]
+        derived = results[1]
+        assert m.get(ALICE, "c", derived.id).tags == ["t"]
+        assert [(s.memory_id, s.version) for s in m.get(ALICE, "c", derived.id).provenance.sources] == [(a.id, 1)]
+        assert m.get(ALICE, "c", a.id).text == "a"
+        assert results[2].info["memory_ids"] == [a.id]
+    finally:
+        m.close()
