@@ -279,7 +279,8 @@ class Memos:
         refs = []
         for raw in sources:
             try:
-                ref = raw if isinstance(raw, SourceRef) else SourceRef.model_validate(raw)
+                # strict: lax mode would turn version "3" or True into an int
+                ref = raw if isinstance(raw, SourceRef) else SourceRef.model_validate(raw, strict=True)
             except ValueError:
                 raise InvalidRequest("each source needs memory_id and version", field="sources") from None
             check.memory_id(ref.memory_id)
