@@ -9,6 +9,10 @@ import os
 import signal
 import sys
 import time
+import tomllib
+
+import zmq
+from pydantic import ValidationError
 
 from memos import config
 from memos.errors import MemosError
@@ -66,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         server.start()
     except MemosError as exc:
         logging.getLogger("memosd").error("cannot start: %s", exc.message, extra={"code": exc.code})
+        return 2
+    except (ValidationError, tomllib.TOMLDecodeError) as exc:  # a bad file or MEMOS_ variable
+        logging.getLogger("memosd").error("cannot start: invalid configuration: %s", exc,
+                                          extra={"code": "config_error"})
+        return 2
+    except (OSError, zmq.ZMQError) as exc:  # unusable folder or socket path
+        logging.getLogger("memosd").error("cannot start: %s", exc, extra={"code": "config_error"})
         return 2
 
     def on_signal(signum: int, frame: object) -> None:
