@@ -194,3 +194,27 @@ def test_environment_overrides(make_daemon, monkeypatch):
     assert (d.root / "envdata" / "data.mdb").exists()
     d.stop()
     assert "memosd listening" not in d.log()  # INFO is below the WARNING level set by the environment
+
+
+@pytest.mark.parametrize("case", ["env value", "toml type", "toml syntax", "missing file", "long socket path"])
+def test_bad_configuration_is_refused_cleanly(make_daemon, case):
+    d = make_daemon()
+    (d.root / "run").mkdir(mode=0o700)
+    bad = d.root / "bad.toml"
+    if case == "env value":
+        proc = d.spawn(env={"MEMOS_DAEMON__MAX_MESSAGE_BYTES": "lots"})
+    elif case == "toml type":
+        bad.write_text("daemon = 3\n")
+        proc = d.spawn("--config", str(bad))
+    elif case == "toml syntax":
+        bad.write_text("[daemon\n")
+        proc = d.spawn("--config", str(bad))
+    elif case == "missing file":
+        proc = d.spawn("--config", str(d.root / "absent.toml"))
+    else:
+        deep = d.root / ("x" * 110)
+        deep.mkdir(mode=0o700)
+        proc = d.spawn(socket=deep / "memosd.sock")
+    assert proc.wait(20) == 2, d.log()
+    assert "cannot start" in d.log()
+    d.check_log()  # a message, not a traceback
