@@ -168,3 +168,13 @@ def test_oversize_request_leaves_the_daemon_serving(daemon, cube, raw):
     assert small["ok"] is True
     assert_alive(daemon)
     daemon.check_log()
+
+
+def test_far_oversize_request_cannot_hurt_the_daemon(daemon, cube):
+    """Past twice the limit zmq drops the connection unread; the daemon carries on."""
+    with daemon.raw() as r:
+        r.send(packed(request("add", {"cube": cube, "text": "z" * (3 * MAX)})))
+        if r.sock.poll(1000):
+            assert r.recv()["error"]["code"] == "too_large"
+    assert_alive(daemon)
+    assert "z" * 100 not in "".join(m.text or "" for m in daemon.client().list(cube))
