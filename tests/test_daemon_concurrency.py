@@ -106,3 +106,43 @@ def test_concurrent_clients_get_contiguous_versions(daemon, admin):
     records = [rec for rec in admin.audit_tail(total + 50) if rec.cube == cube and rec.op == "add"]
     assert [rec.version for rec in records] == list(range(1, total + 1))
     assert admin.audit_verify().ok
+
+
+def lmdb_transactions(daemon) -> int:
+    """Write transactions committed to the store so far (read from its meta page)."""
+    import lmdb
+
+    env = lmdb.open(str(daemon.data_dir), readonly=True, max_dbs=0)
+    try:
+        return env.info()["last_txnid"]
+    finally:
+        env.close()
+
+
+def test_pipelined_writes_are_group_committed_and_fail_alone(daemon, admin):
+    """64 writes sent at once take fewer commits; the bad ones among them fail alone."""
+    from daemon_fixtures import frame
+    from memos.ids import new_id
+
+    cube = "conc-group"
+    admin.cube_create(cube)
+    good = {new_id(): f"good {i}" for i in range(64)}
+    bad = {new_id(): "bad" for _ in range(8)}
+    frames = [frame("add", {"cube": cube, "text": text}, rid=rid) for rid, text in good.items()]
+    for i, rid in enumerate(bad):  # a missing cube among the good ones
+        frames.insert(i * 8 + 3, frame("add", {"cube": "conc-missing", "text": "x"}, rid=rid))
+    before = lmdb_transactions(daemon)
+    with daemon.raw() as raw:
+        for f in frames:
+            raw.send(f)
+        replies = [raw.recv(timeout=30) for _ in frames]
+        assert raw.nothing_more(0.1)
+    commits = lmdb_transactions(daemon) - before
+    by_id = {r["id"]: r for r in replies}
+    assert set(by_id) == set(good) | set(bad)
+    assert all(by_id[rid]["ok"] and by_id[rid]["result"]["text"] == good[rid] for rid in good)
+    assert all(by_id[rid]["error"]["code"] == "not_found" for rid in bad)
+    assert sorted(by_id[rid]["result"]["version"] for rid in good) == list(range(1, 65))
+    assert_contiguous_history(admin, cube, 64)
+    assert 0 < commits < len(good), f"{commits} commits for {len(frames)} pipelined writes"
+    assert admin.audit_verify().ok
