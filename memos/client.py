@@ -13,6 +13,7 @@ import functools
 import inspect
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -79,14 +80,15 @@ class AsyncClient:
             if future is not None and not future.done():
                 future.set_result(reply)
 
-    async def call(self, op: str, **args: Any) -> Any:
-        """Send one request and return its result, raising the daemon's error."""
-        if op not in p.OPS:
+    def _frame(self, op: str, args: dict[str, Any]) -> tuple[str, bytes]:
+        """A request frame and its id."""
+        spec = p.OPS.get(op)
+        if spec is None:
             raise InvalidRequest(f"unknown operation {op!r}")
         rid = new_id()
         # None means "not given", except for a required field whose value may be
         # null (cube_grant's role: null revokes), which must be sent as such.
-        fields = p.OPS[op].args.model_fields
+        fields = spec.args.model_fields
         message: dict[str, Any] = {"v": p.PROTOCOL_VERSION, "id": rid, "op": op,
                                    "args": {k: v for k, v in args.items()
                                             if v is not None or (k in fields and fields[k].is_required())}}
@@ -95,23 +97,35 @@ class AsyncClient:
         frame = p.encode(message)
         if len(frame) > self.max_message_bytes:
             raise TooLarge(f"request of {len(frame)} bytes exceeds {self.max_message_bytes}", size=len(frame))
+        return rid, frame
+
+    @staticmethod
+    def _result(reply: dict[str, Any]) -> Any:
+        if reply.get("ok"):
+            return reply.get("result")
+        error = reply.get("error") or {}
+        raise from_wire(str(error.get("code", "internal")), str(error.get("message", "")),
+                        error.get("details") if isinstance(error.get("details"), dict) else None)
+
+    def _gave_up(self) -> Timeout:
+        return Timeout(f"no reply from memosd at {self.socket_path} after "
+                       f"{self.retries + 1} tries of {self.timeout}s")
+
+    async def call(self, op: str, **args: Any) -> Any:
+        """Send one request and return its result, raising the daemon's error."""
+        rid, frame = self._frame(op, args)
         sock = self._connect()
         for _ in range(self.retries + 1):
             future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
             self._pending[rid] = future
             await sock.send(frame)
             try:
-                reply = await asyncio.wait_for(future, self.timeout)
+                return self._result(await asyncio.wait_for(future, self.timeout))
             except asyncio.TimeoutError:
                 continue  # resend with the same id: the daemon applies a write once
             finally:
                 self._pending.pop(rid, None)
-            if reply.get("ok"):
-                return reply.get("result")
-            error = reply.get("error") or {}
-            raise from_wire(str(error.get("code", "internal")), str(error.get("message", "")),
-                            error.get("details") if isinstance(error.get("details"), dict) else None)
-        raise Timeout(f"no reply from memosd at {self.socket_path} after {self.retries + 1} tries of {self.timeout}s")
+        raise self._gave_up()
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -246,48 +260,60 @@ class AsyncClient:
             sub.close(linger=0)
 
 
-class _Loop:
-    """A private event loop on a daemon thread, shared by sync clients."""
+class Client(AsyncClient):
+    """The blocking client: every operation of AsyncClient, without an event loop.
 
-    _lock = threading.Lock()
-    _loop: asyncio.AbstractEventLoop | None = None
-
-    @classmethod
-    def get(cls) -> asyncio.AbstractEventLoop:
-        with cls._lock:
-            if cls._loop is None or cls._loop.is_closed():
-                loop = asyncio.new_event_loop()
-                threading.Thread(target=loop.run_forever, name="memos-client", daemon=True).start()
-                cls._loop = loop
-            return cls._loop
-
-
-def _blocking(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(method)
-    def run(self: Client, *args: Any, **kwargs: Any) -> Any:
-        coro = getattr(self._async, name)(*args, **kwargs)
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    run.__doc__ = method.__doc__
-    return run
-
-
-class Client:
-    """The blocking client: every coroutine method of AsyncClient, run to completion."""
+    The operations are AsyncClient's own coroutines; ``call`` is overridden by
+    a blocking one that never suspends, so each coroutine runs to completion in
+    a single step (see ``_blocking``). Each thread gets its own socket.
+    """
 
     def __init__(self, socket: str | os.PathLike[str] | None = None, **options: Any) -> None:
-        self._loop = _Loop.get()
-        self._async = AsyncClient(socket, **options)
+        super().__init__(socket, **options)
+        self._local = threading.local()
+        self._sockets: list[zmq.Socket] = []
+        self._sockets_lock = threading.Lock()
 
-    @property
-    def socket_path(self) -> Path:
-        return self._async.socket_path
+    def _socket(self) -> zmq.Socket:
+        sock = getattr(self._local, "sock", None)
+        if sock is None:
+            sock = zmq.Context.instance().socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"ipc://{self.socket_path}")
+            self._local.sock = sock
+            with self._sockets_lock:
+                self._sockets.append(sock)
+        return sock
 
-    def events(self, cube: str | None = None, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+    async def call(self, op: str, **args: Any) -> Any:
+        return self.request(op, **args)
+
+    def request(self, op: str, **args: Any) -> Any:
+        """Send one request and wait for its result, resending with the same id on timeout."""
+        rid, frame = self._frame(op, args)
+        sock = self._socket()
+        for _ in range(self.retries + 1):
+            sock.send(frame)
+            deadline = time.monotonic() + self.timeout
+            while (left := deadline - time.monotonic()) > 0 and sock.poll(left * 1000):
+                reply = p.decode(sock.recv(), 1 << 62)
+                if reply.get("id") == rid:
+                    return self._result(reply)
+                # else: a late reply to an earlier, abandoned request; drop it
+        raise self._gave_up()
+
+    def close(self) -> None:  # type: ignore[override]
+        with self._sockets_lock:
+            for sock in self._sockets:
+                sock.close(linger=0)
+            self._sockets.clear()
+        self._local = threading.local()
+
+    def events(self, cube: str | None = None, timeout: float | None = None) -> Iterator[dict[str, Any]]:  # type: ignore[override]
         """Change events; stops after ``timeout`` seconds without one (None: never)."""
         sub = zmq.Context.instance().socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
-        sub.connect(f"ipc://{self._async.socket_path}.events")
+        sub.connect(f"ipc://{self.socket_path}.events")
         sub.setsockopt(zmq.SUBSCRIBE, cube.encode() if cube else b"")
         try:
             while sub.poll(None if timeout is None else int(timeout * 1000)):
@@ -304,6 +330,21 @@ class Client:
         self.close()
 
 
+def _blocking(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def run(self: Client, *args: Any, **kwargs: Any) -> Any:
+        coro = method(self, *args, **kwargs)
+        try:
+            coro.send(None)
+        except StopIteration as done:
+            return done.value
+        coro.close()
+        raise RuntimeError(f"{method.__name__} suspended; blocking operations must only await call()")
+
+    return run
+
+
+_NOT_OPERATIONS = {"call", "close", "events", "__aenter__", "__aexit__"}
 for _name, _method in inspect.getmembers(AsyncClient, inspect.iscoroutinefunction):
-    if not _name.startswith("_") and _name not in ("__aenter__", "__aexit__"):
-        setattr(Client, _name, _blocking(_name, _method))
+    if not _name.startswith("_") and _name not in _NOT_OPERATIONS:
+        setattr(Client, _name, _blocking(_method))
