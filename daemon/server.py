@@ -2,12 +2,14 @@
 
 Threads and who owns what:
 
-* the **main thread** owns every ZeroMQ socket that faces clients (ROUTER,
-  PUB). It only moves bytes: requests go to the worker pool, replies and
-  events come back over an inproc PULL socket and go out.
-* **workers** decode, validate and authenticate requests, run reads against
-  LMDB snapshots, and hand writes to the writer.
-* the **writer** (``writer.py``) owns LMDB writes and group commit.
+* the **main thread** owns the ROUTER. It decodes, validates and
+  authenticates each request, answers point reads (``get``, ``ping``...) at
+  once, hands other reads to the worker pool and writes to the writer; their
+  replies come back over an inproc PULL socket and go out.
+* **workers** run the slower reads against LMDB snapshots (and decode frames
+  too big to decode on the main thread).
+* the **writer** (``writer.py``) owns LMDB writes, group commit and the PUB
+  socket of change events.
 * the **ZAP thread** answers libzmq's authentication hook: it sees each
   connecting peer's uid and refuses users other than ours (and allowed ones).
 """
@@ -40,6 +42,12 @@ log = logging.getLogger("memosd")
 _OUT = "inproc://memosd-out"
 _ZAP = "inproc://zeromq.zap.01"
 _MAX_IN_FLIGHT = 10_000  # past this the ROUTER is not read, so zmq's HWM pushes back
+# Point reads answered on the main thread: a hop to a worker and back would cost
+# more than the read itself. Everything else runs on workers or the writer.
+_INLINE_READS = frozenset({"ping", "whoami", "get", "cube_get"})
+_INLINE_MAX_FRAME = 64 << 10
+# Plain ints: pyzmq's enum flags cost microseconds per operation on the hot path.
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 
 
 def private_dir(path: Path) -> Path:
@@ -130,21 +138,15 @@ class Server:
         self._stop.set()
 
     def serve_forever(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._pull, zmq.POLLIN)
-        reading = False
+        everything = [(self._pull, _POLLIN), (self.router, _POLLIN)]
+        replies_only = everything[:1]  # when too much is in flight, stop reading requests
         while not self._stop.is_set():
-            want = self._in_flight < _MAX_IN_FLIGHT
-            if want and not reading:
-                poller.register(self.router, zmq.POLLIN)
-            elif reading and not want:
-                poller.unregister(self.router)
-            reading = want
-            events = dict(poller.poll(100))
-            if self._pull in events:
-                self._forward()
-            if reading and self.router in events:
-                self._receive()
+            ready = zmq.zmq_poll(everything if self._in_flight < _MAX_IN_FLIGHT else replies_only, 100)
+            for sock, _ in ready:
+                if sock is self._pull:
+                    self._forward()
+                else:
+                    self._receive()
         self._drain()
 
     def _drain(self) -> None:
@@ -171,31 +173,37 @@ class Server:
     # -- the main thread ------------------------------------------------
 
     def _receive(self) -> None:
+        # EVENTS is checked before each recv: a raised zmq.Again costs more than the check.
         for _ in range(1000):
-            try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            if not self.router.getsockopt(_EVENTS) & _POLLIN:
                 return
+            frames = self.router.recv_multipart(copy=False)
             identity = frames[0].bytes
             uid = frames[-1].get("User-Id")
             payloads = [f.bytes for f in frames[1:]]
-            self._in_flight += 1
-            self.pool.submit(self._serve, identity, uid, payloads)
+            if len(payloads) == 1 and len(payloads[0]) <= _INLINE_MAX_FRAME:
+                self._serve(identity, uid, payloads, inline=True)
+            else:  # decoding a big frame must not stall the loop
+                self._in_flight += 1
+                self.pool.submit(self._serve, identity, uid, payloads)
+
+    def _send_now(self, identity: bytes):
+        def send(reply: dict[str, Any]) -> None:
+            try:
+                self.router.send_multipart([identity, p.encode(reply)], _NOBLOCK)
+            except zmq.ZMQError as exc:
+                log.debug("reply dropped: %s", exc)
+
+        return send
 
     def _forward(self) -> None:
-        while True:
+        while self._pull.getsockopt(_EVENTS) & _POLLIN:
+            reply = self._pull.recv_multipart()
+            self._in_flight -= 1
             try:
-                kind, *rest = self._pull.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if kind == b"R":
-                self._in_flight -= 1
-                try:
-                    self.router.send_multipart(rest, zmq.NOBLOCK)
-                except zmq.ZMQError as exc:  # the client left before its reply
-                    log.debug("reply dropped: %s", exc)
-            else:
-                self.pub.send_multipart(rest)
+                self.router.send_multipart(reply, _NOBLOCK)
+            except zmq.ZMQError as exc:  # the client left before its reply
+                log.debug("reply dropped: %s", exc)
 
     # -- workers ----------------------------------------------------------
 
@@ -211,19 +219,29 @@ class Server:
 
     def _reply_to(self, identity: bytes):
         def send(reply: dict[str, Any]) -> None:
-            self._out().send_multipart([b"R", identity, p.encode(reply)])
+            self._out().send_multipart([identity, p.encode(reply)])
 
         return send
 
     def _publish(self, cube: str, event: dict[str, Any]) -> None:
-        self._out().send_multipart([b"E", cube.encode(), p.encode(event)])
+        # Only the writer publishes, so it alone uses the PUB socket: no hop.
+        self.pub.send_multipart([cube.encode(), p.encode(event)])
 
-    def _serve(self, identity: bytes, uid: str | None, payloads: list[bytes]) -> None:
-        reply = self._reply_to(identity)
+    def _serve(self, identity: bytes, uid: str | None, payloads: list[bytes], inline: bool = False) -> None:
+        """Decode, check and route one request.
+
+        ``inline`` (main thread): answer point reads here, hand the rest on.
+        Every request gets exactly one reply, from whoever finishes it.
+        """
+        queued = self._reply_to(identity)
+
+        def hand_off() -> None:
+            if inline:  # its reply will come back through the PULL socket
+                self._in_flight += 1
+
         message: Any = None
         actor = Actor("anonymous")
         op = "request"
-        audited = False  # Memos audits failures of the work it runs itself
         try:
             if len(payloads) != 1:
                 raise p.InvalidRequest(f"a request is one frame, not {len(payloads)}")
@@ -234,21 +252,33 @@ class Server:
             actor = self._authenticate(uid, envelope.token)
             if envelope.op in handlers.WRITES:
                 write = handlers.WRITES[envelope.op](self.ctx, actor, args, envelope.id)
-                if envelope.op == "agent_remove":
-                    reply = self._forgetting_tokens(reply)
+                hand_off()
+                reply = self._forgetting_tokens(queued) if envelope.op == "agent_remove" else queued
                 self.writer.submit(Job(actor, envelope.id, write, reply))
-                return
-            audited = True
-            result = handlers.READS[envelope.op](self.ctx, actor, args)
-            reply(p.ok_reply(envelope.id, result))
-        except MemosError as exc:
-            if audited:
-                reply(p.error_reply(p.request_id_of(message), exc))
+            elif inline and envelope.op not in _INLINE_READS:
+                hand_off()
+                self.pool.submit(self._read, envelope, actor, args, queued)
             else:
-                self._fail(actor, op, p.request_id_of(message), exc, reply)
+                self._read(envelope, actor, args, self._send_now(identity) if inline else queued)
+        except MemosError as exc:
+            hand_off()
+            self._fail(actor, op, p.request_id_of(message), exc, queued)
         except Exception as exc:  # a bug: answer, log, keep serving
             log.exception("request failed")
-            self._fail(actor, op, p.request_id_of(message), InternalError(f"{type(exc).__name__}"), reply)
+            hand_off()
+            self._fail(actor, op, p.request_id_of(message), InternalError(f"{type(exc).__name__}"), queued)
+
+    def _read(self, envelope: p.Envelope, actor: Actor, args: Any, reply) -> None:
+        """Run a read handler; Memos has already audited any failure it raises."""
+        try:
+            result = handlers.READS[envelope.op](self.ctx, actor, args)
+        except MemosError as exc:
+            reply(p.error_reply(envelope.id, exc))
+        except Exception as exc:  # a bug: answer, log, keep serving
+            log.exception("read failed")
+            reply(p.error_reply(envelope.id, InternalError(type(exc).__name__)))
+        else:
+            reply(p.ok_reply(envelope.id, result))
 
     def _fail(self, actor: Actor, op: str, rid: str | None, exc: MemosError, reply) -> None:
         """Audit a request refused before it reached the store (via the writer), then answer."""

@@ -53,10 +53,12 @@ _STOP = object()
 
 
 class Writer(threading.Thread):
-    def __init__(self, memos: Memos, *, max_group: int, retention_s: float, publish: Publish) -> None:
+    def __init__(self, memos: Memos, *, max_group: int, retention_s: float, publish: Publish,
+                 commit_delay_s: float = 0.0005) -> None:
         super().__init__(name="memosd-writer", daemon=True)
         self.memos = memos
         self.max_group = max_group
+        self.commit_delay_s = commit_delay_s
         self.retention_s = retention_s
         self.publish = publish
         self.queue: queue.Queue[Any] = queue.Queue()
@@ -74,6 +76,7 @@ class Writer(threading.Thread):
 
     def run(self) -> None:
         last_prune = 0.0
+        expected = 1  # size of the last group: how many writers are active
         while True:
             try:
                 first = self.queue.get(timeout=30)
@@ -84,22 +87,37 @@ class Writer(threading.Thread):
                 last_prune = time.monotonic()
             if first is None:
                 continue
-            batch, stopping = [], first is _STOP
-            if not stopping:
-                batch.append(first)
-            while len(batch) < self.max_group and not stopping:
-                try:
-                    item = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stopping = True
-                else:
-                    batch.append(item)
+            batch, stopping = self._gather(first, expected)
             if batch:
                 self._commit(batch)
+                expected = len(batch)
             if stopping:
                 return
+
+    def _gather(self, first: Any, expected: int) -> tuple[list[Job], bool]:
+        """Take what is queued; while busy, wait briefly for the usual group to arrive.
+
+        With several writers active, their next requests arrive within a
+        fraction of a commit: waiting up to ``commit_delay_s`` for them turns
+        many small commits into one (PostgreSQL's commit_delay, made
+        adaptive). A lone writer never waits.
+        """
+        if first is _STOP:
+            return [], True
+        batch = [first]
+        deadline = time.monotonic() + self.commit_delay_s
+        while len(batch) < self.max_group:
+            try:
+                if len(batch) < expected and (left := deadline - time.monotonic()) > 0:
+                    item = self.queue.get(timeout=left)
+                else:
+                    item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return batch, True
+            batch.append(item)
+        return batch, False
 
     def _commit(self, batch: list[Job]) -> None:
         fresh: list[Job] = []

@@ -15,11 +15,18 @@ import msgpack
 from .errors import InvalidRequest, IntegrityError
 
 
+_LEAVES = frozenset({str, int, float, bool, type(None), bytes})
+
+
 def _canonical(value: Any) -> Any:
+    # Exact type checks: this runs for every field of every record written.
+    kind = type(value)
+    if kind in _LEAVES:
+        return value
     if isinstance(value, dict):
-        return {k: _canonical(value[k]) for k in sorted(value)}
+        return {k: v if type(v) in _LEAVES else _canonical(v) for k, v in sorted(value.items())}
     if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
+        return [v if type(v) in _LEAVES else _canonical(v) for v in value]
     return value
 
 
