@@ -36,6 +36,8 @@ def wire(value: Any) -> Any:
 class Context:
     memos: Memos
     agents: Agents
+    search: Any = None  # daemon.search.SearchService
+    jobs: Any = None  # daemon.jobs.Jobs
 
 
 ReadHandler = Callable[[Context, Actor, Any], Any]
@@ -123,6 +125,28 @@ def diff(ctx: Context, actor: Actor, args: p.DiffArgs) -> Any:
 @reads("get_blob")
 def get_blob(ctx: Context, actor: Actor, args: p.BlobArgs) -> Any:
     return ctx.memos.get_blob(actor, args.cube, args.sha256)
+
+
+@reads("search")
+def search(ctx: Context, actor: Actor, args: p.SearchArgs) -> Any:
+    return ctx.search.search(actor, args)
+
+
+@reads("reindex")
+def reindex(ctx: Context, actor: Actor, args: p.CubeArgs) -> Any:
+    ctx.memos.check_role(actor, args.cube, "admin")
+    return {"cube": ctx.search.reindex(args.cube), "started": True}
+
+
+@reads("jobs")
+def jobs(ctx: Context, actor: Actor, args: p.NoArgs) -> Any:
+    return ctx.jobs.list()
+
+
+@reads("embedder")
+def embedder(ctx: Context, actor: Actor, args: p.NoArgs) -> Any:
+    model = ctx.search.embedder
+    return {"name": model.name, "identity": model.identity, "dim": model.dim}
 
 
 @reads("audit_verify")

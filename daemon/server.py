@@ -35,6 +35,8 @@ from memos.errors import ConfigError, InternalError, MemosError, Unauthenticated
 from memos.storage import StoreOptions
 
 from . import handlers
+from .jobs import Jobs
+from .search import SearchService
 from .writer import Job, Writer
 
 log = logging.getLogger("memosd")
@@ -46,6 +48,7 @@ _MAX_IN_FLIGHT = 10_000  # past this the ROUTER is not read, so zmq's HWM pushes
 # more than the read itself. Everything else runs on workers or the writer.
 _INLINE_READS = frozenset({"ping", "whoami", "get", "cube_get"})
 _INLINE_MAX_FRAME = 64 << 10
+_EMBEDDING_OPS = frozenset({"add", "add_many", "update"})
 # Plain ints: pyzmq's enum flags cost microseconds per operation on the hot path.
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 
@@ -107,7 +110,9 @@ class Server:
                 stale.unlink()
         self.memos = Memos(data_dir, options=StoreOptions(map_size=self.settings.store.map_size),
                            limits=self.settings.limits)
-        self.ctx = handlers.Context(self.memos, Agents(self.memos))
+        self.jobs = Jobs()
+        self.search = SearchService(self.memos, self.settings.search, data_dir / "index", self.jobs)
+        self.ctx = handlers.Context(self.memos, Agents(self.memos), self.search, self.jobs)
         self.zmq = zmq.Context()
         self._pull = self.zmq.socket(zmq.PULL)
         self._pull.bind(_OUT)
@@ -128,8 +133,10 @@ class Server:
         os.chmod(self.events_path, 0o600)
         self.pool = ThreadPoolExecutor(self.cfg.read_workers, thread_name_prefix="memosd-worker")
         self.writer = Writer(self.memos, max_group=self.cfg.max_group,
-                             retention_s=self.cfg.request_retention_s, publish=self._publish)
+                             retention_s=self.cfg.request_retention_s, publish=self._publish,
+                             on_commit=self.search.on_commit)
         self.writer.start()
+        self.search.start()
         log.info("memosd listening", extra={"socket": str(self.socket_path), "data_dir": str(data_dir),
                                             "pid": os.getpid()})
 
@@ -153,7 +160,9 @@ class Server:
         """Finish what was accepted: answer in-flight requests, then close everything."""
         log.info("stopping: %d requests in flight", self._in_flight)
         self.pool.shutdown(wait=True)
+        self.search.model.shutdown(wait=True)  # embeddings in progress reach the writer
         self.writer.stop()
+        self.search.close()
         while self._in_flight > 0 and self._pull.poll(2000):
             self._forward()
         self.memos.close()
@@ -254,7 +263,11 @@ class Server:
                 write = handlers.WRITES[envelope.op](self.ctx, actor, args, envelope.id)
                 hand_off()
                 reply = self._forgetting_tokens(queued) if envelope.op == "agent_remove" else queued
-                self.writer.submit(Job(actor, envelope.id, write, reply))
+                job = Job(actor, envelope.id, write, reply)
+                if envelope.op in _EMBEDDING_OPS:  # vectors first, on the model thread
+                    self.search.model.submit(self._embed_then_write, job, envelope.op, args)
+                else:
+                    self.writer.submit(job)
             elif inline and envelope.op not in _INLINE_READS:
                 hand_off()
                 self.pool.submit(self._read, envelope, actor, args, queued)
@@ -267,6 +280,18 @@ class Server:
             log.exception("request failed")
             hand_off()
             self._fail(actor, op, p.request_id_of(message), InternalError(f"{type(exc).__name__}"), queued)
+
+    def _embed_then_write(self, job: Job, op: str, args: Any) -> None:
+        try:
+            job.write = self.search.prepare(op, args, job.write)
+        except MemosError as exc:
+            self._fail(job.actor, op, job.request_id, exc, job.reply)
+            return
+        except Exception as exc:
+            log.exception("embedding failed")
+            self._fail(job.actor, op, job.request_id, InternalError(type(exc).__name__), job.reply)
+            return
+        self.writer.submit(job)
 
     def _read(self, envelope: p.Envelope, actor: Actor, args: Any, reply) -> None:
         """Run a read handler; Memos has already audited any failure it raises."""

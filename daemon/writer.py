@@ -34,6 +34,7 @@ log = logging.getLogger("memosd.writer")
 
 Reply = Callable[[dict[str, Any]], None]
 Publish = Callable[[str, dict[str, Any]], None]
+OnCommit = Callable[[str, int, list[str]], None]  # what a commit changed, before its reply leaves
 
 
 @dataclass
@@ -54,11 +55,12 @@ _STOP = object()
 
 class Writer(threading.Thread):
     def __init__(self, memos: Memos, *, max_group: int, retention_s: float, publish: Publish,
-                 commit_delay_s: float = 0.0005) -> None:
+                 on_commit: OnCommit | None = None, commit_delay_s: float = 0.0005) -> None:
         super().__init__(name="memosd-writer", daemon=True)
         self.memos = memos
         self.max_group = max_group
         self.commit_delay_s = commit_delay_s
+        self.on_commit = on_commit or (lambda cube, version, memory_ids: None)
         self.retention_s = retention_s
         self.publish = publish
         self.queue: queue.Queue[Any] = queue.Queue()
@@ -179,6 +181,11 @@ class Writer(threading.Thread):
             event.update(version=value.version, memories=[c.memory_id for c in value.changes])
         elif isinstance(value, Cube):
             event.update(version=value.version, memories=[])
+        if cube is not None and "version" in event:
+            try:
+                self.on_commit(cube, event["version"], event["memories"])
+            except Exception:  # the write is durable; a stale index must not fail its reply
+                log.exception("updating derived state after a commit failed", extra={"cube": cube})
         if cube is not None:
             self.publish(cube, event)
 

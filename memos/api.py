@@ -232,6 +232,11 @@ class Memos:
     def grant(self, actor: Actor, cube: str, agent: str, role: Role | str | None) -> Cube:
         return self.run(self.write_grant(actor, cube, agent, role))
 
+    def check_role(self, actor: Actor, cube: str, role: Role | str) -> Cube:
+        """The cube, if ``actor`` holds ``role`` on it (a refusal is audited)."""
+        return self.read(actor, f"check_{check.role(role).value}", cube,
+                         lambda txn: self._require(txn, actor, cube, check.role(role)))
+
     def get_cube(self, actor: Actor, cube: str) -> Cube:
         return self.read(actor, "get_cube", cube, lambda txn: self._require(txn, actor, cube, Role.read))
 
@@ -415,6 +420,22 @@ class Memos:
         mem = self.read(actor, "get", cube, fn)
         self._usage.record(mem.cube, [mem.id])
         return mem
+
+    def get_many(self, actor: Actor, cube: str, memory_ids: Iterable[str], at: int | None = None) -> dict[str, Memory]:
+        """Several memories in one snapshot (missing ones left out); counts no reads."""
+
+        def fn(txn: lmdb.Transaction) -> dict[str, Memory]:
+            found = self._require(txn, actor, cube, Role.read)
+            version = None if at is None else self._version_in(found, at)
+            out = {}
+            for memory_id in memory_ids:
+                row = (self.ledger.head(txn, found.name, check.memory_id(memory_id)) if version is None
+                       else self.ledger.state_at(txn, found.name, check.memory_id(memory_id), version))
+                if row is not None:
+                    out[memory_id] = Memory.from_state_bytes(row[1], row[0])
+            return out
+
+        return self.read(actor, "get_many", cube, fn)
 
     def _at(self, txn: lmdb.Transaction, cube: Cube, memory_id: Any, at: Any) -> Memory:
         version = self._version_in(cube, at)

@@ -47,6 +47,13 @@ def _human(command: str, value: Any) -> str:
         return _memory_line(value)
     if command == "list":
         return "\n".join(_memory_line(m) for m in value) or "(no memories)"
+    if command == "search":
+        return "\n".join(f"{h['score']:7.3f}  {_memory_line(h['memory'])}" for h in value) or "(no results)"
+    if command == "jobs":
+        return "\n".join(
+            f"{j['id']}  {j['kind']:<12} {j.get('cube') or '-':<16} {j['state']:<8} {j['done']}/{j['total']}"
+            for j in value
+        ) or "(no jobs)"
     if command == "history":
         return "\n".join(
             f"v{c['version']:<6} {c['op']:<12} {c['actor']:<16} {len(c['changes'])} change(s)" for c in value
@@ -152,6 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--to", type=int, required=True, metavar="VERSION", dest="to_version")
     rollback.add_argument("--memory", action="append", dest="memory_ids", help="only this memory (repeatable)")
 
+    search = command("search", "find memories by meaning and words")
+    search.add_argument("cube")
+    search.add_argument("query")
+    search.add_argument("-k", type=int, default=10, help="how many results")
+    search.add_argument("--at", type=int, metavar="VERSION", help="search the cube as of this version")
+    search.add_argument("--tag", action="append", dest="tags", help="only memories with this tag (repeatable)")
+    search.add_argument("--status", choices=["active", "archived", "all"])
+
+    command("jobs", "background jobs and their progress")
+    command("reindex", "rebuild a cube's search index").add_argument("cube")
+
     audit = commands.add_parser("audit", help="the audit log").add_subparsers(dest="sub", required=True)
     verify = command("verify", "check the audit chain", audit)
     verify.add_argument("--checkpoint", type=Path, help="a checkpoint file written by `audit checkpoint`")
@@ -195,6 +213,9 @@ def _run(client: Client, a: argparse.Namespace) -> tuple[str, Any]:
         "history": lambda: client.history(a.cube, memory_id=a.memory, limit=a.limit),
         "diff": lambda: client.diff(a.cube, a.v1, a.v2),
         "rollback": lambda: client.rollback(a.cube, a.to_version, a.memory_ids),
+        "search": lambda: client.search(a.cube, a.query, k=a.k, at=a.at, tags=a.tags, status=a.status),
+        "jobs": client.jobs,
+        "reindex": lambda: client.reindex(a.cube),
         "audit verify": lambda: client.audit_verify(
             json.loads(a.checkpoint.read_text()) if a.checkpoint else None),
         "audit tail": lambda: client.audit_tail(a.n),

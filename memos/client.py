@@ -24,7 +24,7 @@ import zmq.asyncio
 from . import protocol as p
 from .errors import InvalidRequest, MemosError, Timeout, TooLarge, from_wire
 from .ids import new_id
-from .models import AuditRecord, Checkpoint, Commit, Cube, DiffEntry, Memory, VerifyReport
+from .models import AuditRecord, Checkpoint, Commit, Cube, DiffEntry, Memory, SearchHit, VerifyReport
 
 
 def default_socket() -> Path:
@@ -188,10 +188,16 @@ class AsyncClient:
             sources=list(sources) if sources is not None else None, policy=policy,
         ))
 
-    async def add_many(self, cube: str, items: Sequence[dict[str, Any] | str]) -> list[Memory]:
-        """Add many memories in one commit; items are texts or maps of ``add``'s fields."""
+    async def add_many(self, cube: str, items: Sequence[dict[str, Any] | str],
+                       embedder: str | None = None) -> list[Memory]:
+        """Add many memories in one commit; items are texts or maps of ``add``'s fields.
+
+        An item may carry its own ``vector`` (float32 bytes) made by the daemon's
+        embedder, named by ``embedder`` (its identity; see ``embedder()``).
+        """
         wire_items = [{"text": i} if isinstance(i, str) else i for i in items]
-        return [Memory.model_validate(m) for m in await self.call("add_many", cube=cube, items=wire_items)]
+        rows = await self.call("add_many", cube=cube, items=wire_items, embedder=embedder)
+        return [Memory.model_validate(m) for m in rows]
 
     async def get(self, cube: str, id: str, *, at: int | None = None, include_deleted: bool = False) -> Memory:
         return Memory.model_validate(await self.call("get", cube=cube, id=id, at=at,
@@ -230,6 +236,29 @@ class AsyncClient:
             "rollback", cube=cube, to_version=to_version,
             memory_ids=list(memory_ids) if memory_ids is not None else None,
         ))
+
+    async def search(
+        self, cube: str, query: str, *, k: int = 10, at: int | None = None, tags: Sequence[str] | None = None,
+        status: str | None = None, since: float | None = None, until: float | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> list[SearchHit]:
+        """Best memories for ``query`` (dense + BM25), optionally filtered or as of version ``at``."""
+        rows = await self.call("search", cube=cube, query=query, k=k, at=at,
+                               tags=list(tags) if tags is not None else None, status=status,
+                               since=since, until=until, metadata=metadata)
+        return [SearchHit.model_validate(r) for r in rows]
+
+    async def reindex(self, cube: str) -> dict[str, Any]:
+        """Rebuild a cube's search index in the background (see ``jobs``)."""
+        return await self.call("reindex", cube=cube)
+
+    async def jobs(self) -> list[dict[str, Any]]:
+        """Background jobs (index builds, re-embedding) with their progress."""
+        return await self.call("jobs")
+
+    async def embedder(self) -> dict[str, Any]:
+        """The daemon's embedder: name, identity and dimension."""
+        return await self.call("embedder")
 
     async def get_blob(self, cube: str, sha256: str) -> bytes:
         return await self.call("get_blob", cube=cube, sha256=sha256)
@@ -295,8 +324,12 @@ class Client(AsyncClient):
         for _ in range(self.retries + 1):
             sock.send(frame)
             deadline = time.monotonic() + self.timeout
-            while (left := deadline - time.monotonic()) > 0 and sock.poll(left * 1000):
-                reply = p.decode(sock.recv(), 1 << 62)
+            while (left := deadline - time.monotonic()) > 0:
+                sock.RCVTIMEO = max(1, int(left * 1000))
+                try:
+                    reply = p.decode(sock.recv(), 1 << 62)
+                except zmq.Again:
+                    break
                 if reply.get("id") == rid:
                     return self._result(reply)
                 # else: a late reply to an earlier, abandoned request; drop it

@@ -45,6 +45,14 @@ class DaemonSettings(BaseModel):
         return self.socket or self.runtime_dir / "memosd.sock"
 
 
+class SearchSettings(BaseModel):
+    embedder: str = Field("minilm", description="Embedder plugin by name (`memos.embedders` entry points).")
+    embedder_options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the embedder.")
+    ann_threshold: int = Field(50_000, description="Cubes with more searchable memories use the HNSW index.")
+    oversample: int = Field(4, description="Candidates fetched per wanted result before filters apply.")
+    ready_timeout_s: float = Field(60.0, description="How long a search waits for a loading model or index.")
+
+
 class StoreSettings(BaseModel):
     map_size: int = Field(64 << 30, description="Initial LMDB map size in bytes (sparse; grows when full).")
 
@@ -57,6 +65,7 @@ class Settings(BaseSettings):
     daemon: DaemonSettings = Field(default_factory=DaemonSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     limits: Limits = Field(default_factory=Limits)
+    search: SearchSettings = Field(default_factory=SearchSettings)
 
     @classmethod
     def settings_customise_sources(

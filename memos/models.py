@@ -123,6 +123,15 @@ class Memory(_Model):
         return mem
 
 
+class SearchHit(_Model):
+    """One search result: the memory (with provenance and version) and why it ranked."""
+
+    memory: Memory
+    score: float
+    lexical: float
+    dense: float
+
+
 class Cube(_Model):
     name: str
     owner: str

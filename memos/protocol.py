@@ -103,14 +103,17 @@ class NewMemoryArgs(_Args):
     media_type: str = Field("application/octet-stream", max_length=128)
     sources: list[Source] = Field(default_factory=list)
     policy: str | None = Field(None, max_length=64)
+    vector: bytes | None = Field(None, max_length=16384)  # float32 row from the daemon's embedder (add_many)
 
 
 class AddArgs(NewMemoryArgs):
     cube: Name = Field(max_length=200)
+    embedder: str | None = Field(None, max_length=200)
 
 
 class AddManyArgs(CubeArgs):
     items: list[NewMemoryArgs]
+    embedder: str | None = Field(None, max_length=200)  # identity of the embedder that made item vectors
 
 
 class GetArgs(CubeArgs):
@@ -157,6 +160,17 @@ class RollbackArgs(CubeArgs):
     memory_ids: list[str] | None = None
 
 
+class SearchArgs(CubeArgs):
+    query: str = Field(max_length=8192)
+    k: int = Field(10, ge=1, le=1000)
+    at: int | None = Field(None, ge=0)
+    tags: list[str] | None = None
+    status: Literal["active", "archived", "all"] = "active"  # deleted memories are not searchable
+    since: float | None = None
+    until: float | None = None
+    metadata: dict[str, Any] | None = None
+
+
 class BlobArgs(CubeArgs):
     sha256: str = Field(min_length=64, max_length=64)
 
@@ -199,6 +213,10 @@ OPS: dict[str, Op] = {
     "diff": Op(DiffArgs, False, "Memories that differ between two versions."),
     "rollback": Op(RollbackArgs, True, "Restore the cube or chosen memories to a version (cube admin)."),
     "get_blob": Op(BlobArgs, False, "A KV cache or adapter blob by sha256."),
+    "search": Op(SearchArgs, False, "Hybrid (dense + BM25) search, filtered, now or at a version."),
+    "reindex": Op(CubeArgs, False, "Rebuild a cube's search index in the background (cube admin)."),
+    "jobs": Op(NoArgs, False, "Background jobs and their progress."),
+    "embedder": Op(NoArgs, False, "The embedder's identity and dimension (for client-made vectors)."),
     "audit_verify": Op(VerifyArgs, False, "Check the audit chain (admin)."),
     "audit_tail": Op(TailArgs, False, "Last audit records (admin)."),
     "audit_checkpoint": Op(NoArgs, False, "Export the audit head (admin)."),

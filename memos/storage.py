@@ -39,6 +39,7 @@ DATABASES: dict[str, str] = {
     "usage": "cube\\0memory id -> Usage record",
     "agents": "agent name -> Agent record (hashed token, created)",
     "requests": "client request id -> stored reply (idempotent retries)",
+    "vectors": "embedder identity hash + sha256 of a search key -> float32 vector",
 }
 
 SCHEMA_VERSION = 1

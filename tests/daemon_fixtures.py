@@ -57,7 +57,10 @@ class Daemon:
         """Start a memosd process without waiting (for lifecycle tests)."""
         log = self.root / f"memosd-{len(self.logs)}.log"
         self.logs.append(log)
-        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **self.env, **(env or {})}
+        # Daemons that do not test search use the model-free embedder: starting
+        # torch in every one of them would only slow the suite down.
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "MEMOS_SEARCH__EMBEDDER": "hashing",
+                    **self.env, **(env or {})}
         args = [*MEMOSD, "--data-dir", str(data_dir or self.data_dir), "--socket", str(socket or self.socket), *extra]
         with open(log, "wb") as out:
             return subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)

@@ -1,0 +1,381 @@
+"""Plaintext search in memosd: embeddings, per-cube hybrid indexes, filters.
+
+LMDB stays the source of truth. Vectors are stored there too, addressed by
+(embedder identity, sha256 of the search key), so a rollback or a re-added
+text never needs the model again and two embedders never mix. The in-memory
+:class:`~memos.retrieval.HybridIndex` of each cube is derived: saved on
+shutdown, loaded on start-up when its manifest names the cube's current
+version and embedder, rebuilt (as a background job) otherwise.
+
+Model work never runs on the socket loop: writes that need vectors are
+embedded on the model thread before they reach the writer, and the writer
+tells this service what each commit changed so searches see every
+acknowledged write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import numpy as np
+
+from memos import protocol as p
+from memos.api import LOCAL_ADMIN, Actor, Memos, Write
+from memos.config import SearchSettings
+from memos.errors import InvalidRequest, MemosError, ModelMismatch, Unavailable
+from memos.models import Memory, MemoryType, Status
+from memos.retrieval import Doc, HybridIndex, RetrievalConfig, doc_for, key_text
+
+log = logging.getLogger("memosd.search")
+
+_MANIFEST = "manifest.json"
+
+
+def _searchable(mem: Memory) -> bool:
+    return mem.type is MemoryType.plaintext and bool(mem.text) and mem.status is not Status.deleted
+
+
+def _doc(mem: Memory) -> Doc:
+    return doc_for(mem.id, mem.text or "", mem.metadata, mem.created_at)
+
+
+class SearchService:
+    def __init__(self, memos: Memos, settings: SearchSettings, index_dir: Path, jobs: Any) -> None:
+        self.memos = memos
+        self.settings = settings
+        self.index_dir = index_dir
+        self.jobs = jobs
+        self.model = ThreadPoolExecutor(1, thread_name_prefix="memosd-model")
+        self._embedder: Any = None
+        self._embedder_ready = threading.Event()
+        self._embedder_error: BaseException | None = None
+        self._indexes: dict[str, HybridIndex] = {}
+        self._versions: dict[str, int] = {}
+        self._ready: dict[str, threading.Event] = {}
+        self._pending: dict[str, list[tuple[int, list[str]]]] = {}
+        self._lock = threading.Lock()
+        self._db = memos.store.db["vectors"]
+
+    # -- lifecycle ------------------------------------------------------
+
+    def start(self) -> Future:
+        """Load the embedder and every cube's index in the background."""
+        return self.model.submit(self._boot)
+
+    def _boot(self) -> None:
+        try:
+            from memos.plugins import embedders
+
+            self._embedder = embedders.load(self.settings.embedder, **self.settings.embedder_options)
+            self._id_hash = hashlib.sha256(self._embedder.identity.encode()).digest()[:8]
+            log.info("embedder loaded", extra={"embedder": self._embedder.identity})
+        except BaseException as exc:  # the daemon keeps serving everything but search
+            self._embedder_error = exc
+            log.exception("embedder failed to load")
+            return
+        finally:
+            self._embedder_ready.set()
+        with self.memos.store.read() as txn:
+            cubes = [c.name for c in self.memos.ledger.cubes(txn)]
+        for cube in cubes:
+            self._open(cube)
+
+    def close(self) -> None:
+        self.model.shutdown(wait=True)
+        for cube in list(self._indexes):
+            self._save(cube)
+
+    @property
+    def embedder(self) -> Any:
+        if not self._embedder_ready.wait(self.settings.ready_timeout_s):
+            raise Unavailable("the embedder is still loading; retry shortly")
+        if self._embedder is None:
+            raise Unavailable(f"the embedder {self.settings.embedder!r} failed to load: {self._embedder_error}")
+        return self._embedder
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return self.embedder.embed(list(texts))
+
+    # -- vectors in LMDB ------------------------------------------------
+
+    def _vkey(self, key: str) -> bytes:
+        return self._id_hash + hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+    def _stored(self, txn: lmdb.Transaction, keys: Sequence[str]) -> list[np.ndarray | None]:
+        out: list[np.ndarray | None] = []
+        for key in keys:
+            raw = txn.get(self._vkey(key), db=self._db)
+            out.append(None if raw is None else np.frombuffer(raw, dtype=np.float32))
+        return out
+
+    def _vectors_for(self, keys: Sequence[str], job: Any = None) -> np.ndarray:
+        """Vectors of ``keys``: stored ones read, missing ones embedded and stored."""
+        with self.memos.store.read() as txn:
+            found = self._stored(txn, keys)
+        missing = [i for i, v in enumerate(found) if v is None]
+        if job is not None:
+            job.advance(len(keys) - len(missing))
+        for start in range(0, len(missing), 256):
+            rows = missing[start:start + 256]
+            vecs = self.embed([keys[i] for i in rows])
+            self.memos.store.write(lambda txn: self._put(txn, [keys[i] for i in rows], vecs))
+            for i, vec in zip(rows, vecs):
+                found[i] = vec
+            if job is not None:
+                job.advance(len(rows))
+        if not keys:
+            return np.zeros((0, self.embedder.dim), dtype=np.float32)
+        return np.stack(found).astype(np.float32, copy=False)
+
+    def _put(self, txn: lmdb.Transaction, keys: Sequence[str], vecs: np.ndarray) -> None:
+        for key, vec in zip(keys, vecs):
+            txn.put(self._vkey(key), np.asarray(vec, dtype=np.float32).tobytes(), db=self._db, overwrite=False)
+
+    # -- the write path -------------------------------------------------
+
+    def prepare(self, op: str, args: Any, write: Write) -> Write:
+        """Embed what a write will store (on the model thread); store the vectors in its commit."""
+        keys: list[str] = []
+        given: list[np.ndarray | None] = []
+        if op == "add" and args.type == "plaintext" and args.text:
+            keys, given = [key_text(args.text, args.metadata or {})], [self._client_vector(args, None)]
+        elif op == "add_many":
+            for item in args.items:
+                if item.type == "plaintext" and item.text:
+                    keys.append(key_text(item.text, item.metadata or {}))
+                    given.append(self._client_vector(item, args.embedder))
+        elif op == "update" and (args.text is not None or args.metadata is not None):
+            current = self._current(args.cube, args.id)
+            if current is not None and current.type is MemoryType.plaintext:
+                text = args.text if args.text is not None else current.text
+                metadata = args.metadata if args.metadata is not None else current.metadata
+                if text:
+                    keys, given = [key_text(text, metadata)], [None]
+        if not keys:
+            return write
+        with self.memos.store.read() as txn:
+            stored = self._stored(txn, keys)
+        todo = [i for i, (s, g) in enumerate(zip(stored, given)) if s is None and g is None]
+        vectors = dict(zip(todo, self.embed([keys[i] for i in todo]))) if todo else {}
+        fresh = [(keys[i], vectors.get(i, given[i])) for i in range(len(keys)) if stored[i] is None]
+        inner = write.fn
+
+        def fn(txn: lmdb.Transaction):
+            result = inner(txn)
+            self._put(txn, [k for k, _ in fresh], [v for _, v in fresh])
+            return result
+
+        return Write(write.actor, write.op, write.cube, fn, write.request_id)
+
+    def _client_vector(self, item: Any, embedder: str | None) -> np.ndarray | None:
+        raw = getattr(item, "vector", None)
+        if raw is None:
+            return None
+        if embedder != self.embedder.identity:
+            raise ModelMismatch(
+                f"vectors were made by {embedder!r}; this daemon searches with {self.embedder.identity!r}",
+                expected=self.embedder.identity, got=embedder,
+            )
+        if len(raw) != 4 * self.embedder.dim:
+            raise InvalidRequest(f"a vector must be {self.embedder.dim} float32 values", field="vector")
+        vec = np.frombuffer(raw, dtype=np.float32)
+        norm = float(np.linalg.norm(vec))
+        if not np.isfinite(norm) or norm == 0:
+            raise InvalidRequest("a vector must be finite and non-zero", field="vector")
+        return vec / norm
+
+    def _current(self, cube: str, memory_id: str) -> Memory | None:
+        try:
+            return self.memos.get_many(LOCAL_ADMIN, cube, [memory_id]).get(memory_id)
+        except MemosError:
+            return None  # the write itself will report the problem
+
+    def on_commit(self, cube: str, version: int, memory_ids: Sequence[str]) -> None:
+        """Called by the writer after each commit, before its reply leaves."""
+        if self._embedder is None:
+            return
+        with self._lock:
+            ready = self._ready.get(cube)
+            if ready is None:  # a new cube: its index starts empty
+                self._indexes[cube] = HybridIndex(self._embedder.dim, self._config())
+                self._versions[cube] = 0
+                ready = self._ready[cube] = threading.Event()
+                ready.set()
+            if not ready.is_set():  # a rebuild is running; it applies these when done
+                self._pending.setdefault(cube, []).append((version, list(memory_ids)))
+                return
+        self._apply(cube, version, memory_ids)
+
+    def _apply(self, cube: str, version: int, memory_ids: Sequence[str]) -> None:
+        if not memory_ids:
+            with self._lock:
+                self._versions[cube] = max(self._versions.get(cube, 0), version)
+            return
+        mems = self.memos.get_many(LOCAL_ADMIN, cube, memory_ids)
+        keep = [m for m in mems.values() if _searchable(m)]
+        gone = [m for m in memory_ids if m not in mems or not _searchable(mems[m])]
+        index = self._indexes[cube]
+        if keep:
+            docs = [_doc(m) for m in keep]
+            index.upsert(docs, self._vectors_for([d.key for d in docs]))
+        if gone:
+            index.remove(gone)
+        with self._lock:
+            self._versions[cube] = max(self._versions.get(cube, 0), version)
+
+    # -- building and persisting indexes --------------------------------------
+
+    def _config(self) -> RetrievalConfig:
+        return RetrievalConfig(ann_threshold=self.settings.ann_threshold)
+
+    def _open(self, cube: str) -> None:
+        """Load the saved index of ``cube`` if it is current, else rebuild it."""
+        with self._lock:
+            event = self._ready.setdefault(cube, threading.Event())
+            event.clear()
+        with self.memos.store.read() as txn:
+            version = self.memos.ledger.cube(txn, cube).version
+        folder = self.index_dir / cube
+        try:
+            manifest = json.loads((folder / _MANIFEST).read_text())
+            if manifest == {"version": version, "embedder": self._embedder.identity}:
+                index = HybridIndex.load(folder / "index")
+                self._finish(cube, index, version)
+                log.info("index loaded", extra={"cube": cube, "docs": len(index), "version": version})
+                return
+            log.info("index is stale; rebuilding", extra={"cube": cube, "saved": manifest, "version": version})
+        except FileNotFoundError:
+            log.info("no saved index; building", extra={"cube": cube})
+        except (ValueError, OSError) as exc:
+            log.warning("saved index unreadable; rebuilding", extra={"cube": cube, "error": str(exc)})
+        self._rebuild(cube)
+
+    def _rebuild(self, cube: str) -> None:
+        with self.memos.store.read() as txn:
+            version = self.memos.ledger.cube(txn, cube).version
+            mems = [Memory.from_state_bytes(state, v)
+                    for _, v, state in self.memos.ledger.iter_heads(txn, cube)]
+        docs = [_doc(m) for m in mems if _searchable(m)]
+        job = self.jobs.start("build_index", cube, len(docs))
+        try:
+            index = HybridIndex(self._embedder.dim, self._config())
+            for start in range(0, len(docs), 4096):
+                chunk = docs[start:start + 4096]
+                index.upsert(chunk, self._vectors_for([d.key for d in chunk], job))
+            self._finish(cube, index, version)
+            self._save(cube)
+            job.finish()
+        except BaseException as exc:
+            job.fail(exc)
+            with self._lock:  # serve nothing rather than something silently partial
+                self._ready[cube].set()
+                self._indexes.pop(cube, None)
+            raise
+
+    def _finish(self, cube: str, index: HybridIndex, version: int) -> None:
+        with self._lock:
+            self._indexes[cube] = index
+            self._versions[cube] = version
+            pending = self._pending.pop(cube, [])
+        for v, ids in pending:
+            if v > version:
+                self._apply(cube, v, ids)
+        with self._lock:
+            self._ready[cube].set()
+
+    def _save(self, cube: str) -> None:
+        index = self._indexes.get(cube)
+        if index is None or self._embedder is None:
+            return
+        folder = self.index_dir / cube
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with self._lock:
+            version = self._versions[cube]
+        try:
+            (folder / _MANIFEST).unlink(missing_ok=True)  # no manifest while files change
+            index.save(folder / "index")
+            (folder / _MANIFEST).write_text(json.dumps({"version": version, "embedder": self._embedder.identity}))
+        except OSError:
+            log.exception("saving index failed", extra={"cube": cube})
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def reindex(self, cube: str) -> str:
+        """Rebuild a cube's index from LMDB in the background; returns the job's cube."""
+        self.embedder  # noqa: B018  (raises while unavailable)
+        self.model.submit(self._rebuild, cube)
+        return cube
+
+    def _index(self, cube: str) -> HybridIndex:
+        with self._lock:
+            ready = self._ready.get(cube)
+        if ready is None:
+            self.embedder  # noqa: B018
+            self.model.submit(self._open, cube).result()
+            ready = self._ready[cube]
+        if not ready.wait(self.settings.ready_timeout_s):
+            raise Unavailable(f"the index of cube {cube!r} is being built; see `memosctl jobs`", cube=cube)
+        index = self._indexes.get(cube)
+        if index is None:
+            raise Unavailable(f"the index of cube {cube!r} failed to build; see `memosctl jobs`", cube=cube)
+        return index
+
+    # -- search ---------------------------------------------------------------
+
+    def search(self, actor: Actor, a: p.SearchArgs) -> list[dict[str, Any]]:
+        cube = self.memos.get_cube(actor, a.cube)  # access check (audited on denial)
+        if not a.query.strip():
+            raise InvalidRequest("query is empty", field="query")
+        qvec = self.embed([a.query])[0]
+        keep = _filter(a)
+        if a.at is not None:
+            mems = {m.id: m for m in self.memos.list(actor, cube.name, at=a.at, status=None) if _searchable(m)}
+            index = HybridIndex(self.embedder.dim, self._config())
+            docs = [_doc(m) for m in mems.values()]
+            if docs:
+                index.upsert(docs, self._vectors_for([d.key for d in docs]))
+            allow = {i for i, m in mems.items() if keep(m)}
+            hits = index.search(a.query, qvec, a.k, allow=allow)
+        else:
+            index = self._index(cube.name)
+            hits, mems = self._filtered(actor, cube.name, index, a, qvec, keep)
+        results = [{"memory": mems[h.id].model_dump(mode="json"), "score": h.score,
+                    "lexical": h.lexical, "dense": h.dense} for h in hits if h.id in mems][: a.k]
+        self.memos.record_reads(cube.name, [r["memory"]["id"] for r in results])
+        return results
+
+    def _filtered(self, actor: Actor, cube: str, index: HybridIndex, a: p.SearchArgs, qvec: np.ndarray,
+                  keep: Callable[[Memory], bool]):
+        """Best hits that pass the filters: oversample first, scan only when that falls short."""
+        want = a.k * self.settings.oversample
+        hits = index.search(a.query, qvec, want)
+        mems = self.memos.get_many(actor, cube, [h.id for h in hits])
+        passing = [h for h in hits if h.id in mems and keep(mems[h.id])]
+        if len(passing) >= a.k or len(hits) < want:
+            return passing, mems
+        allow = {m.id for m in self.memos.list(actor, cube, status=None) if _searchable(m) and keep(m)}
+        hits = index.search(a.query, qvec, a.k, allow=allow)
+        return hits, self.memos.get_many(actor, cube, [h.id for h in hits])
+
+
+def _filter(a: p.SearchArgs) -> Callable[[Memory], bool]:
+    statuses = {Status.active, Status.archived} if a.status == "all" else {Status(a.status)}
+    tags = set(a.tags or ())
+
+    def keep(m: Memory) -> bool:
+        return (m.status in statuses
+                and tags.issubset(m.tags)
+                and (a.since is None or m.created_at >= a.since)
+                and (a.until is None or m.created_at < a.until)
+                and all(m.metadata.get(k) == v for k, v in (a.metadata or {}).items()))
+
+    return keep
+

@@ -1,0 +1,195 @@
+"""Search through a real memosd with the real MiniLM embedder."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+from memos.errors import Denied, InvalidRequest, ModelMismatch, NotFound
+
+from daemon_fixtures import Daemon
+
+MINILM = {"MEMOS_SEARCH__EMBEDDER": "minilm"}
+
+FACTS = [
+    ("Ada's cat is called Pixel and sleeps on the radiator", ["pets"]),
+    ("The quarterly budget review moved to Thursday afternoon", ["work"]),
+    ("Ada is allergic to peanuts and carries an epinephrine pen", ["health"]),
+    ("The team's Kubernetes cluster runs in the Frankfurt region", ["work"]),
+    ("Grandma's apple pie recipe needs cinnamon and nutmeg", ["food"]),
+    ("Ada ran the Berlin marathon in three hours and fifty minutes", ["sport"]),
+]
+
+
+@pytest.fixture(scope="module")
+def searchd():
+    d = Daemon(env=MINILM).start()
+    try:
+        yield d
+    finally:
+        d.cleanup()
+
+
+@pytest.fixture(scope="module")
+def facts(searchd):
+    c = searchd.client(timeout=60)
+    c.cube_create("facts")
+    mems = c.add_many("facts", [{"text": t, "tags": tags} for t, tags in FACTS])
+    return c, {m.text: m for m in mems}
+
+
+def top(c, cube, query, **kw):
+    return [h.memory.text for h in c.search(cube, query, **kw)]
+
+
+def wait_jobs(c, kind="build_index", timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs = [j for j in c.jobs() if j["kind"] == kind]
+        if jobs and all(j["state"] != "running" for j in jobs):
+            return jobs
+        time.sleep(0.1)
+    raise AssertionError(f"{kind} jobs still running: {c.jobs()}")
+
+
+def test_paraphrase_finds_its_memory(facts):
+    c, _ = facts
+    assert top(c, "facts", "what is the name of Ada's kitten?")[0] == FACTS[0][0]
+    assert top(c, "facts", "which food must Ada avoid?")[0] == FACTS[2][0]
+    assert top(c, "facts", "where are our servers hosted?")[0] == FACTS[3][0]
+
+
+def test_hits_carry_score_provenance_and_version(facts):
+    c, mems = facts
+    hits = c.search("facts", "pie recipe spices", k=3)
+    assert len(hits) == 3
+    best = hits[0]
+    assert best.memory.text == FACTS[4][0]
+    assert best.memory.version == mems[FACTS[4][0]].version
+    assert best.memory.provenance.actor == "admin"
+    assert best.score >= hits[1].score >= hits[2].score
+    assert best.lexical > 0  # "pie" and "recipe" are in the text
+
+
+def test_read_your_writes_and_updates(facts):
+    c, _ = facts
+    m = c.add("facts", "The office wifi password is orange-giraffe-42")
+    assert top(c, "facts", "wifi password", k=1) == [m.text]
+    c.update("facts", m.id, "The office wifi password changed to purple-walrus-7")
+    assert top(c, "facts", "wifi password", k=1) == ["The office wifi password changed to purple-walrus-7"]
+    c.delete("facts", m.id)
+    assert "purple-walrus" not in " ".join(top(c, "facts", "wifi password purple walrus"))
+
+
+def test_filters(facts):
+    c, mems = facts
+    assert set(top(c, "facts", "Ada", tags=["work"])) == {FACTS[1][0], FACTS[3][0]}
+    marathon = mems[FACTS[5][0]]
+    c.update("facts", marathon.id, status="archived")
+    assert FACTS[5][0] not in top(c, "facts", "marathon running race")
+    assert top(c, "facts", "marathon running race", status="archived") == [FACTS[5][0]]
+    assert FACTS[5][0] in top(c, "facts", "marathon running race", status="all")
+    c.update("facts", marathon.id, status="active")
+    later = c.add("facts", "Ada adopted a second cat named Byte", metadata={"source": "chat"})
+    assert top(c, "facts", "cat", since=later.created_at) == [later.text]
+    assert later.text not in top(c, "facts", "cat", until=later.created_at)
+    assert top(c, "facts", "cat", metadata={"source": "chat"}) == [later.text]
+
+
+def test_search_at_past_version_after_update_and_rollback(searchd):
+    c = searchd.client(timeout=60)
+    c.cube_create("history")
+    m = c.add("history", "The launch is planned for March")
+    v1 = m.version
+    c.update("history", m.id, "The launch slipped to September")
+    assert top(c, "history", "when is the launch?", k=1) == ["The launch slipped to September"]
+    assert top(c, "history", "when is the launch?", k=1, at=v1) == ["The launch is planned for March"]
+    c.rollback("history", v1)
+    assert top(c, "history", "when is the launch?", k=1) == ["The launch is planned for March"]
+    with pytest.raises(NotFound):
+        c.search("history", "launch", at=999)
+
+
+def test_empty_huge_and_unicode_queries(facts):
+    c, _ = facts
+    with pytest.raises(InvalidRequest):
+        c.search("facts", "   ")
+    with pytest.raises(InvalidRequest):
+        c.search("facts", "x" * 10_000)  # over the protocol's query limit
+    long_query = ("tell me about the cat " * 300)[:8000]  # long but allowed: truncated for the model
+    assert top(c, "facts", long_query, k=1) == [FACTS[0][0]]
+    c.cube_create("unicode")
+    c.add("unicode", "東京の本社は品川にあります 🏢")
+    c.add("unicode", "Café crème costs €3.50 in Zürich")
+    assert top(c, "unicode", "Zürich café", k=1) == ["Café crème costs €3.50 in Zürich"]
+    assert top(c, "unicode", "本社 品川", k=1) == ["東京の本社は品川にあります 🏢"]
+
+
+def test_access_control_and_usage(searchd, facts):
+    c, mems = facts
+    token = c.agent_add("reader")["token"]
+    reader = searchd.client(token=token)
+    with pytest.raises(Denied):
+        reader.search("facts", "cat")
+    c.cube_grant("facts", "reader", "read")
+    before = c.get("facts", mems[FACTS[0][0]].id).usage.reads
+    assert reader.search("facts", "Pixel the cat", k=1)[0].memory.text == FACTS[0][0]
+    assert c.get("facts", mems[FACTS[0][0]].id).usage.reads >= before + 1
+
+
+def test_client_vectors_must_match_the_embedder(facts):
+    c, _ = facts
+    info = c.embedder()
+    assert info["dim"] == 384
+    vec = np.zeros(384, dtype=np.float32)
+    vec[0] = 1.0
+    with pytest.raises(ModelMismatch):
+        c.add_many("facts", [{"text": "made elsewhere", "vector": vec.tobytes()}], embedder="other-model")
+    with pytest.raises(InvalidRequest):
+        c.add_many("facts", [{"text": "short vector", "vector": vec[:10].tobytes()}], embedder=info["identity"])
+    made = c.add_many("facts", [{"text": "zebra crossing", "vector": vec.tobytes()}], embedder=info["identity"])
+    assert made[0].text == "zebra crossing"
+
+
+def test_index_rebuilt_after_its_files_are_deleted(tmp_path):
+    d = Daemon(env=MINILM).start()
+    try:
+        c = d.client(timeout=60)
+        c.cube_create("notes")
+        c.add_many("notes", ["The red bicycle is in the garage", "Passwords live in the vault"])
+        d.stop()
+        assert (d.data_dir / "index" / "notes").exists()  # saved on shutdown
+        shutil.rmtree(d.data_dir / "index")
+        d.start()
+        c = d.client(timeout=60)
+        assert top(c, "notes", "where is the bike?", k=1) == ["The red bicycle is in the garage"]
+        assert any(j["kind"] == "build_index" and j["cube"] == "notes" for j in wait_jobs(c))
+    finally:
+        d.cleanup()
+
+
+def test_embedder_change_reembeds_without_mixing_spaces():
+    d = Daemon(env=MINILM).start()
+    try:
+        c = d.client(timeout=60)
+        c.cube_create("notes")
+        c.add_many("notes", ["The red bicycle is in the garage", "Passwords live in the vault"])
+        first = c.embedder()["identity"]
+        d.stop()
+        d.env["MEMOS_SEARCH__EMBEDDER"] = "hashing"
+        d.start()
+        c = d.client(timeout=60)
+        assert c.embedder()["identity"] != first
+        assert top(c, "notes", "vault passwords", k=1) == ["Passwords live in the vault"]
+        jobs = wait_jobs(c)
+        assert [j["state"] for j in jobs if j["cube"] == "notes"] == ["done"]
+        d.stop()
+        d.env["MEMOS_SEARCH__EMBEDDER"] = "minilm"
+        d.start()  # back to the first space: its vectors are still stored, nothing mixes
+        c = d.client(timeout=60)
+        assert top(c, "notes", "where is the bike?", k=1) == ["The red bicycle is in the garage"]
+    finally:
+        d.cleanup()
