@@ -140,7 +140,9 @@ def reindex(ctx: Context, actor: Actor, args: p.CubeArgs) -> Any:
 
 @reads("jobs")
 def jobs(ctx: Context, actor: Actor, args: p.NoArgs) -> Any:
-    return ctx.jobs.list()
+    """Jobs on cubes the caller may read (all of them for the administrator)."""
+    readable = None if actor.admin else {c.name for c in ctx.memos.list_cubes(actor)}
+    return [j for j in ctx.jobs.list() if readable is None or j["cube"] in readable]
 
 
 @reads("embedder")

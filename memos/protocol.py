@@ -194,7 +194,7 @@ class Op:
 
 
 OPS: dict[str, Op] = {
-    "ping": Op(NoArgs, False, "Liveness check; returns the daemon's version and pid."),
+    "ping": Op(NoArgs, False, "Liveness check; returns the daemon's pid and protocol version."),
     "whoami": Op(NoArgs, False, "The agent name (or admin) the daemon sees."),
     "agent_add": Op(AgentArgs, True, "Register an agent; returns its token (admin)."),
     "agent_list": Op(NoArgs, False, "Registered agents (admin)."),
