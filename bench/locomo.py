@@ -28,6 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from memos.client import Client
+from memos.extraction import messages_to_memories
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "locomo" / "locomo_dev.json"
@@ -36,20 +37,15 @@ CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop"}
 
 
 def turns_of(conversation: dict) -> list[dict]:
-    """Every turn with the metadata a memory keeps; sessions are the list-valued session_N keys."""
+    """One memory per turn (the default extraction); sessions are the list-valued session_N keys."""
     out = []
     sessions = sorted((int(k.split("_")[1]), k) for k, v in conversation.items()
                       if re.fullmatch(r"session_\d+", k) and isinstance(v, list))
     for number, key in sessions:
-        date = conversation.get(f"{key}_date_time")
-        for position, turn in enumerate(conversation[key]):
-            metadata = {"dia_id": turn["dia_id"], "speaker": turn["speaker"], "session": str(number),
-                        "position": position}
-            if date:
-                metadata["date"] = date
-            if turn.get("blip_caption"):
-                metadata["caption"] = turn["blip_caption"]
-            out.append({"text": turn["text"], "metadata": metadata, "tags": ["locomo"]})
+        messages = [{"speaker": t["speaker"], "text": t["text"], "caption": t.get("blip_caption"),
+                     "id": t["dia_id"]} for t in conversation[key]]
+        out += messages_to_memories(messages, session=str(number), date=conversation.get(f"{key}_date_time"),
+                                    tags=["locomo"])
     return out
 
 
@@ -108,7 +104,7 @@ def main() -> None:
                 memories += client.add_many(cube, turns[chunk:chunk + 1000])
             ingest_s += time.perf_counter() - start
             turns_total += len(turns)
-            by_memory = {m.id: m.metadata["dia_id"] for m in memories}
+            by_memory = {m.id: m.metadata["message_id"] for m in memories}
             known = set(by_memory.values())
             for qa in sample["qa"]:
                 if qa.get("category") not in CATEGORIES:
@@ -120,7 +116,7 @@ def main() -> None:
                 results = client.search(cube, str(qa["question"]), k=max(KS))
                 query_s += time.perf_counter() - start
                 questions += 1
-                ranked = [r.memory.metadata.get("dia_id") for r in results]
+                ranked = [r.memory.metadata.get("message_id") for r in results]
                 for k in KS:
                     found = len(evidence & set(ranked[:k])) / len(evidence)
                     hits["overall"][k].append(found)

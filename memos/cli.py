@@ -45,7 +45,7 @@ def _memory_line(m: dict[str, Any]) -> str:
 def _human(command: str, value: Any) -> str:
     if command in ("add", "get", "update", "delete"):
         return _memory_line(value)
-    if command == "list":
+    if command in ("list", "ingest"):
         return "\n".join(_memory_line(m) for m in value) or "(no memories)"
     if command == "search":
         return "\n".join(f"{h['score']:7.3f}  {_memory_line(h['memory'])}" for h in value) or "(no results)"
@@ -167,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--tag", action="append", dest="tags", help="only memories with this tag (repeatable)")
     search.add_argument("--status", choices=["active", "archived", "all"])
 
+    ingest = command("ingest", "store a conversation (JSON lines, one message per line)")
+    ingest.add_argument("cube")
+    ingest.add_argument("file", type=Path, help='lines like {"speaker": "Ada", "text": "...", "date": "..."}')
+    ingest.add_argument("--session", help="session id shared by these messages")
+    ingest.add_argument("--tag", action="append", dest="tags", default=[])
+
     command("jobs", "background jobs and their progress")
     command("reindex", "rebuild a cube's search index").add_argument("cube")
 
@@ -193,6 +199,13 @@ def _metadata(pairs: Sequence[str]) -> dict[str, Any] | None:
     return out or None
 
 
+def _messages(path: Path) -> list[dict[str, Any]]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"memosctl: cannot read {path}: {exc}") from None
+
+
 def _run(client: Client, a: argparse.Namespace) -> tuple[str, Any]:
     name = a.command + (f" {a.sub}" if getattr(a, "sub", None) else "")
     calls: dict[str, Callable[[], Any]] = {
@@ -215,6 +228,7 @@ def _run(client: Client, a: argparse.Namespace) -> tuple[str, Any]:
         "rollback": lambda: client.rollback(a.cube, a.to_version, a.memory_ids),
         "search": lambda: client.search(a.cube, a.query, k=a.k, at=a.at, tags=a.tags, status=a.status),
         "jobs": client.jobs,
+        "ingest": lambda: client.add_messages(a.cube, _messages(a.file), session=a.session, tags=a.tags),
         "reindex": lambda: client.reindex(a.cube),
         "audit verify": lambda: client.audit_verify(
             json.loads(a.checkpoint.read_text()) if a.checkpoint else None),

@@ -23,6 +23,7 @@ import zmq.asyncio
 
 from . import protocol as p
 from .errors import InvalidRequest, MemosError, Timeout, TooLarge, from_wire
+from .extraction import messages_to_memories
 from .ids import new_id
 from .models import AuditRecord, Checkpoint, Commit, Cube, DiffEntry, Memory, SearchHit, VerifyReport
 
@@ -198,6 +199,15 @@ class AsyncClient:
         wire_items = [{"text": i} if isinstance(i, str) else i for i in items]
         rows = await self.call("add_many", cube=cube, items=wire_items, embedder=embedder)
         return [Memory.model_validate(m) for m in rows]
+
+    async def add_messages(
+        self, cube: str, messages: Sequence[dict[str, Any]], *, session: str | None = None,
+        date: str | None = None, tags: Sequence[str] = (),
+    ) -> list[Memory]:
+        """Store a conversation: one memory per message with speaker, date, session, position."""
+        # AsyncClient's own coroutine: on the blocking Client, self.add_many is already blocking.
+        items = messages_to_memories(messages, session=session, date=date, tags=tags)
+        return await AsyncClient.add_many(self, cube, items)
 
     async def get(self, cube: str, id: str, *, at: int | None = None, include_deleted: bool = False) -> Memory:
         return Memory.model_validate(await self.call("get", cube=cube, id=id, at=at,
