@@ -94,6 +94,30 @@ def add_client(socket: str, n: int, barrier, out) -> None:
     out.put(lat)
 
 
+def add_async_clients(socket: str, n: int, tasks: int, barrier, out) -> None:
+    """``tasks`` concurrent clients as asyncio tasks in one process (one connection each)."""
+    import asyncio
+
+    from memos.client import AsyncClient
+
+    async def one(client: AsyncClient, lat: list[float]) -> None:
+        for i in range(n):
+            t = time.perf_counter()
+            await client.add("bench", f"memory {i} from {os.getpid()}: " + "x" * 100)
+            lat.append(time.perf_counter() - t)
+
+    async def run() -> list[float]:
+        clients = [AsyncClient(socket) for _ in range(tasks)]
+        lat: list[float] = []
+        barrier.wait()
+        await asyncio.gather(*(one(c, lat) for c in clients))
+        for c in clients:
+            await c.close()
+        return lat
+
+    out.put(asyncio.run(run()))
+
+
 def run_clients(target, args: tuple, clients: int) -> tuple[float, float, float]:
     """Start ``clients`` processes together; return p50 us, p99 us, total ops/s."""
     ctx = mp.get_context("spawn")
@@ -163,12 +187,16 @@ def main() -> None:
     rows.append((f"memosd add, group commit, {args.clients} clients",
                  *run_clients(add_client, (grouped.socket, adds), args.clients)))
     rows.append(("memosd add, group commit, 1 client", *run_clients(add_client, (grouped.socket, adds), 1)))
+    rows.append((f"memosd add, group commit, {args.clients} async clients in 1 process",
+                 *run_clients(add_async_clients, (grouped.socket, adds, args.clients), 1)))
     grouped.stop()
 
     single = Daemon(tmp / "single", MEMOS_DAEMON__MAX_GROUP="1")
     single.client.cube_create("bench")
     rows.append((f"memosd add, one commit per request, {args.clients} clients",
                  *run_clients(add_client, (single.socket, adds), args.clients)))
+    rows.append((f"memosd add, one commit per request, {args.clients} async clients in 1 process",
+                 *run_clients(add_async_clients, (single.socket, adds, args.clients), 1)))
     single.stop()
 
     print(f"# bench/ipc.py  {time.strftime('%Y-%m-%d %H:%M')}  {platform.machine()} cpus={os.cpu_count()} "
@@ -182,8 +210,12 @@ def main() -> None:
     grouped_ops = by[f"memosd add, group commit, {args.clients} clients"][1]
     single_ops = by[f"memosd add, one commit per request, {args.clients} clients"][1]
     print(f"get p50 / raw round trip p50 (1 client): {get1 / raw1:.2f}x  (target <= 2x)")
-    print(f"add ops/s group commit / one commit per request ({args.clients} clients): "
+    print(f"add ops/s group commit / one commit per request ({args.clients} client processes): "
           f"{grouped_ops / single_ops:.2f}x  (target >= 3x)")
+    grouped_async = by[f"memosd add, group commit, {args.clients} async clients in 1 process"][1]
+    single_async = by[f"memosd add, one commit per request, {args.clients} async clients in 1 process"][1]
+    print(f"add ops/s group commit / one commit per request ({args.clients} async clients): "
+          f"{grouped_async / single_async:.2f}x")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import queue
 import shutil
 import threading
 from collections.abc import Callable, Sequence
@@ -31,7 +32,7 @@ import numpy as np
 from memos import protocol as p
 from memos.api import LOCAL_ADMIN, Actor, Memos, Write
 from memos.config import SearchSettings
-from memos.errors import InvalidRequest, MemosError, ModelMismatch, Unavailable
+from memos.errors import InternalError, InvalidRequest, MemosError, ModelMismatch, Unavailable
 from memos.models import Memory, MemoryType, Status
 from memos.retrieval import Doc, HybridIndex, RetrievalConfig, doc_for, key_text
 
@@ -64,6 +65,9 @@ class SearchService:
         self._pending: dict[str, list[tuple[int, list[str]]]] = {}
         self._lock = threading.Lock()
         self._db = memos.store.db["vectors"]
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._embed_thread = threading.Thread(target=self._embed_loop, name="memosd-embed", daemon=True)
+        self._embed_thread.start()
 
     # -- lifecycle ------------------------------------------------------
 
@@ -90,7 +94,7 @@ class SearchService:
             self._open(cube)
 
     def close(self) -> None:
-        self.model.shutdown(wait=True)
+        """Save every index (after :meth:`stop` and the writer are done)."""
         for cube in list(self._indexes):
             self._save(cube)
 
@@ -142,36 +146,92 @@ class SearchService:
 
     # -- the write path -------------------------------------------------
 
-    def prepare(self, op: str, args: Any, write: Write) -> Write:
-        """Embed what a write will store (on the model thread); store the vectors in its commit."""
-        keys: list[str] = []
-        given: list[np.ndarray | None] = []
+    def embed_then(self, op: str, args: Any, write: Write, done: Callable[[Write | MemosError], None]) -> None:
+        """Queue a write for embedding; ``done`` gets the write to commit, or the error."""
+        self._queue.put((op, args, write, done))
+
+    def _embed_loop(self) -> None:
+        """Embed queued writes together: one batched forward pass serves many requests."""
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < 256:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)  # finish this batch, then stop
+                    break
+                batch.append(item)
+            try:
+                for done, result in zip([b[3] for b in batch], self.prepare([b[:3] for b in batch])):
+                    done(result)
+            except Exception as exc:  # a bug: fail the batch, keep the loop alive
+                log.exception("embedding writes failed")
+                for *_, done in batch:
+                    done(InternalError(f"embedding failed: {type(exc).__name__}"))
+
+    def stop(self) -> None:
+        """Finish queued embeddings (handing them to the writer), then stop model work."""
+        self._queue.put(None)
+        self._embed_thread.join()
+        self.model.shutdown(wait=True)
+
+    def prepare(self, writes: Sequence[tuple[str, Any, Write]]) -> list[Write | MemosError]:
+        """Each write with the vectors of what it stores added to its commit."""
+        try:
+            self.embedder  # noqa: B018  (waits while the model loads)
+        except MemosError:
+            # No model: store the memories anyway; their vectors are made when an index is built.
+            return [write for _, _, write in writes]
+        plans: list[tuple[Write, list[str], list[np.ndarray | None]] | MemosError] = []
+        for op, args, write in writes:
+            try:
+                plans.append((write, *self._keys(op, args)))
+            except MemosError as exc:
+                plans.append(exc)
+        keys = {k for plan in plans if not isinstance(plan, MemosError)
+                for k, given in zip(plan[1], plan[2]) if given is None}
+        with self.memos.store.read() as txn:
+            stored = {k for k, v in zip(keys, self._stored(txn, list(keys))) if v is not None}
+        todo = sorted(keys - stored)
+        try:
+            made = dict(zip(todo, self.embed(todo))) if todo else {}
+        except MemosError as exc:
+            return [exc] * len(writes)
+        return [plan if isinstance(plan, MemosError) else self._with_vectors(plan[0], plan[1], plan[2], made, stored)
+                for plan in plans]
+
+    def _keys(self, op: str, args: Any) -> tuple[list[str], list[np.ndarray | None]]:
+        """Search keys a write will store, with client-made vectors where given."""
         if op == "add" and args.type == "plaintext" and args.text:
-            keys, given = [key_text(args.text, args.metadata or {})], [self._client_vector(args, None)]
-        elif op == "add_many":
-            for item in args.items:
-                if item.type == "plaintext" and item.text:
-                    keys.append(key_text(item.text, item.metadata or {}))
-                    given.append(self._client_vector(item, args.embedder))
-        elif op == "update" and (args.text is not None or args.metadata is not None):
+            return [key_text(args.text, args.metadata or {})], [self._client_vector(args, args.embedder)]
+        if op == "add_many":
+            items = [i for i in args.items if i.type == "plaintext" and i.text]
+            return ([key_text(i.text, i.metadata or {}) for i in items],
+                    [self._client_vector(i, args.embedder) for i in items])
+        if op == "update" and (args.text is not None or args.metadata is not None):
             current = self._current(args.cube, args.id)
             if current is not None and current.type is MemoryType.plaintext:
                 text = args.text if args.text is not None else current.text
                 metadata = args.metadata if args.metadata is not None else current.metadata
                 if text:
-                    keys, given = [key_text(text, metadata)], [None]
-        if not keys:
+                    return [key_text(text, metadata)], [None]
+        return [], []
+
+    def _with_vectors(self, write: Write, keys: list[str], given: list[np.ndarray | None],
+                      made: dict[str, np.ndarray], stored: set[str]) -> Write:
+        fresh = {k: g if g is not None else made[k] for k, g in zip(keys, given) if k not in stored}
+        if not fresh:
             return write
-        with self.memos.store.read() as txn:
-            stored = self._stored(txn, keys)
-        todo = [i for i, (s, g) in enumerate(zip(stored, given)) if s is None and g is None]
-        vectors = dict(zip(todo, self.embed([keys[i] for i in todo]))) if todo else {}
-        fresh = [(keys[i], vectors.get(i, given[i])) for i in range(len(keys)) if stored[i] is None]
         inner = write.fn
 
         def fn(txn: lmdb.Transaction):
             result = inner(txn)
-            self._put(txn, [k for k, _ in fresh], [v for _, v in fresh])
+            self._put(txn, list(fresh), list(fresh.values()))
             return result
 
         return Write(write.actor, write.op, write.cube, fn, write.request_id)

@@ -160,7 +160,7 @@ class Server:
         """Finish what was accepted: answer in-flight requests, then close everything."""
         log.info("stopping: %d requests in flight", self._in_flight)
         self.pool.shutdown(wait=True)
-        self.search.model.shutdown(wait=True)  # embeddings in progress reach the writer
+        self.search.stop()  # queued embeddings reach the writer first
         self.writer.stop()
         self.search.close()
         while self._in_flight > 0 and self._pull.poll(2000):
@@ -264,8 +264,8 @@ class Server:
                 hand_off()
                 reply = self._forgetting_tokens(queued) if envelope.op == "agent_remove" else queued
                 job = Job(actor, envelope.id, write, reply)
-                if envelope.op in _EMBEDDING_OPS:  # vectors first, on the model thread
-                    self.search.model.submit(self._embed_then_write, job, envelope.op, args)
+                if envelope.op in _EMBEDDING_OPS:  # vectors first, batched on the embedding thread
+                    self.search.embed_then(envelope.op, args, write, self._after_embedding(job))
                 else:
                     self.writer.submit(job)
             elif inline and envelope.op not in _INLINE_READS:
@@ -281,17 +281,15 @@ class Server:
             hand_off()
             self._fail(actor, op, p.request_id_of(message), InternalError(f"{type(exc).__name__}"), queued)
 
-    def _embed_then_write(self, job: Job, op: str, args: Any) -> None:
-        try:
-            job.write = self.search.prepare(op, args, job.write)
-        except MemosError as exc:
-            self._fail(job.actor, op, job.request_id, exc, job.reply)
-            return
-        except Exception as exc:
-            log.exception("embedding failed")
-            self._fail(job.actor, op, job.request_id, InternalError(type(exc).__name__), job.reply)
-            return
-        self.writer.submit(job)
+    def _after_embedding(self, job: Job):
+        def done(result: Write | MemosError) -> None:
+            if isinstance(result, MemosError):
+                self._fail(job.actor, job.write.op, job.request_id, result, job.reply)
+            else:
+                job.write = result
+                self.writer.submit(job)
+
+        return done
 
     def _read(self, envelope: p.Envelope, actor: Actor, args: Any, reply) -> None:
         """Run a read handler; Memos has already audited any failure it raises."""
