@@ -167,6 +167,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=2000, help="requests per client")
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--embedder", default="none",
+                        help="the daemon's embedder; the default 'none' (search off) isolates the IPC and store path")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="memos-bench-", dir="/tmp"))
     os.chmod(tmp, 0o700)
@@ -178,6 +180,7 @@ def main() -> None:
         rows.append((f"raw pyzmq round trip, {c} client(s)", *run_clients(raw_client, (f"ipc://{tmp}/echo.sock", args.n), c)))
     echo.kill()
 
+    os.environ["MEMOS_SEARCH__EMBEDDER"] = args.embedder
     grouped = Daemon(tmp / "grouped")
     grouped.client.cube_create("bench")
     memory = grouped.client.add("bench", "a memory to read back " + "x" * 100)
@@ -200,7 +203,7 @@ def main() -> None:
     single.stop()
 
     print(f"# bench/ipc.py  {time.strftime('%Y-%m-%d %H:%M')}  {platform.machine()} cpus={os.cpu_count()} "
-          f"python={platform.python_version()}  n={args.n} clients={args.clients}")
+          f"python={platform.python_version()}  n={args.n} clients={args.clients} embedder={args.embedder}")
     print(f"{'measure':<52} {'p50 us':>9} {'p99 us':>9} {'ops/s':>9}")
     for name, p50, p99, ops in rows:
         print(f"{name:<52} {p50:9.0f} {p99:9.0f} {ops:9.0f}")

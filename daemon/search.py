@@ -75,7 +75,15 @@ class SearchService:
         """Load the embedder and every cube's index in the background."""
         return self.model.submit(self._boot)
 
+    @property
+    def enabled(self) -> bool:
+        return self.settings.embedder != "none"
+
     def _boot(self) -> None:
+        if not self.enabled:
+            self._embedder_error = Unavailable("search is turned off (search.embedder = 'none')")
+            self._embedder_ready.set()
+            return
         try:
             from memos.plugins import embedders
 
@@ -102,6 +110,8 @@ class SearchService:
     def embedder(self) -> Any:
         if not self._embedder_ready.wait(self.settings.ready_timeout_s):
             raise Unavailable("the embedder is still loading; retry shortly")
+        if not self.enabled:
+            raise Unavailable("search is turned off (search.embedder = 'none')")
         if self._embedder is None:
             raise Unavailable(f"the embedder {self.settings.embedder!r} failed to load: {self._embedder_error}")
         return self._embedder
@@ -148,6 +158,9 @@ class SearchService:
 
     def embed_then(self, op: str, args: Any, write: Write, done: Callable[[Write | MemosError], None]) -> None:
         """Queue a write for embedding; ``done`` gets the write to commit, or the error."""
+        if not self.enabled:
+            done(write)
+            return
         self._queue.put((op, args, write, done))
 
     def _embed_loop(self) -> None:

@@ -46,7 +46,7 @@ class DaemonSettings(BaseModel):
 
 
 class SearchSettings(BaseModel):
-    embedder: str = Field("minilm", description="Embedder plugin by name (`memos.embedders` entry points).")
+    embedder: str = Field("minilm", description="Embedder plugin by name (`memos.embedders` entry points); 'none' turns search off.")
     embedder_options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the embedder.")
     ann_threshold: int = Field(50_000, description="Cubes with more searchable memories use the HNSW index.")
     oversample: int = Field(4, description="Candidates fetched per wanted result before filters apply.")
