@@ -333,11 +333,13 @@ class SearchService:
         self._rebuild(cube)
 
     def _rebuild(self, cube: str) -> None:
-        with self.memos.store.read() as txn:
+        docs = []
+        with self.memos.store.read() as txn:  # one pass, keeping only the small Doc of each memory
             version = self.memos.ledger.cube(txn, cube).version
-            mems = [Memory.from_state_bytes(state, v)
-                    for _, v, state in self.memos.ledger.iter_heads(txn, cube)]
-        docs = [_doc(m) for m in mems if _searchable(m)]
+            for _, v, state in self.memos.ledger.iter_heads(txn, cube):
+                mem = Memory.from_state_bytes(state, v)
+                if _searchable(mem):
+                    docs.append(_doc(mem))
         job = self.jobs.start("build_index", cube, len(docs))
         try:
             index = HybridIndex(self._embedder.dim, self._config())
