@@ -166,7 +166,7 @@ class Memos:
                 return fn(txn)
         except MemosError as exc:
             failed = Write(actor=actor, op=op, cube=cube if isinstance(cube, str) else None, fn=_never)
-            self.store.write(lambda txn: self._audit_failure(txn, failed, exc))
+            self.store.write(lambda txn, exc=exc: self._audit_failure(txn, failed, exc))
             raise
 
     def _require(self, txn: lmdb.Transaction, actor: Actor, cube: Any, role: Role) -> Cube:

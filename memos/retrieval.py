@@ -45,7 +45,7 @@ import shutil
 import tempfile
 import threading
 import zlib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Collection, Iterable, Mapping, Sequence
 
 import numpy as np

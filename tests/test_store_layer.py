@@ -10,7 +10,6 @@ import sys
 import threading
 from pathlib import Path
 
-import lmdb
 import pytest
 
 from conftest import ALICE

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from conftest import ALICE, BOB
-from memos.api import LOCAL_ADMIN, Memos, NewMemory
+from memos.api import Memos, NewMemory
 from memos.errors import Conflict, InvalidRequest, NotFound
 from memos.ids import is_id
 from memos.models import MemoryType, SourceRef, Status
