@@ -68,6 +68,10 @@ class SearchService:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._embed_thread = threading.Thread(target=self._embed_loop, name="memosd-embed", daemon=True)
         self._embed_thread.start()
+        self._commits: queue.Queue[Any] = queue.Queue()
+        self._caught_up = threading.Condition()
+        self._indexer = threading.Thread(target=self._index_loop, name="memosd-indexer", daemon=True)
+        self._indexer.start()
 
     # -- lifecycle ------------------------------------------------------
 
@@ -102,7 +106,9 @@ class SearchService:
             self._open(cube)
 
     def close(self) -> None:
-        """Save every index (after :meth:`stop` and the writer are done)."""
+        """Apply the last commits and save every index (after :meth:`stop` and the writer)."""
+        self._commits.put(None)
+        self._indexer.join()
         for cube in list(self._indexes):
             self._save(cube)
 
@@ -273,9 +279,31 @@ class SearchService:
             return None  # the write itself will report the problem
 
     def on_commit(self, cube: str, version: int, memory_ids: Sequence[str]) -> None:
-        """Called by the writer after each commit, before its reply leaves."""
+        """Called by the writer after each commit: queue the change for the indexer thread.
+
+        Index maintenance (HNSW insertion above all) stays off the writer, so it never
+        slows commits down; searches wait until the index has caught up with the cube
+        version they read, so every acknowledged write is still visible to them.
+        """
+        self._commits.put((cube, version, list(memory_ids)))
+
+    def _index_loop(self) -> None:
+        while True:
+            item = self._commits.get()
+            if item is None:
+                return
+            cube, version, memory_ids = item
+            try:
+                self._index_commit(cube, version, memory_ids)
+            except Exception:
+                log.exception("index update failed; rebuilding", extra={"cube": cube})
+                self.model.submit(self._rebuild, cube)
+            with self._caught_up:
+                self._caught_up.notify_all()
+
+    def _index_commit(self, cube: str, version: int, memory_ids: list[str]) -> None:
         if self._embedder is None:
-            return
+            return  # no model yet: the index is built from the store once it loads
         with self._lock:
             ready = self._ready.get(cube)
             if ready is None:  # a new cube: its index starts empty
@@ -284,9 +312,16 @@ class SearchService:
                 ready = self._ready[cube] = threading.Event()
                 ready.set()
             if not ready.is_set():  # a rebuild is running; it applies these when done
-                self._pending.setdefault(cube, []).append((version, list(memory_ids)))
+                self._pending.setdefault(cube, []).append((version, memory_ids))
                 return
         self._apply(cube, version, memory_ids)
+
+    def _wait_until_current(self, cube: str, version: int) -> None:
+        """Block until the index of ``cube`` reflects ``version`` (read-your-writes)."""
+        with self._caught_up:
+            if not self._caught_up.wait_for(lambda: self._versions.get(cube, -1) >= version,
+                                            self.settings.ready_timeout_s):
+                raise Unavailable(f"the index of cube {cube!r} is behind; retry shortly", cube=cube)
 
     def _apply(self, cube: str, version: int, memory_ids: Sequence[str]) -> None:
         if not memory_ids:
@@ -366,6 +401,8 @@ class SearchService:
                 self._apply(cube, v, ids)
         with self._lock:
             self._ready[cube].set()
+        with self._caught_up:
+            self._caught_up.notify_all()
 
     def _save(self, cube: str) -> None:
         index = self._indexes.get(cube)
@@ -421,6 +458,7 @@ class SearchService:
             hits = index.search(a.query, qvec, a.k, allow=allow)
         else:
             index = self._index(cube.name)
+            self._wait_until_current(cube.name, cube.version)
             hits, mems = self._filtered(actor, cube.name, index, a, qvec, keep)
         results = [{"memory": mems[h.id].model_dump(mode="json"), "score": h.score,
                     "lexical": h.lexical, "dense": h.dense} for h in hits if h.id in mems][: a.k]

@@ -152,8 +152,10 @@ class RetrievalConfig:
     candidates: int = 200         # dense candidates taken from the ANN index
     lexical_candidates: int = 200  # lexical candidates taken from the inverted index
     stats_sample: int = 256       # rows sampled to estimate mean/std of the dense score in candidate mode
-    hnsw_m: int = 16              # HNSW connectivity ("M")
-    hnsw_ef_construction: int = 64
+    # HNSW graph: on clustered synthetic data at 100k docs, recall@10 within the 200 candidates is
+    # 0.86 for M 16 / ef_construction 64, 0.975 for 16/128, 0.994 for 24/128 (bench/search.py).
+    hnsw_m: int = 24              # HNSW connectivity ("M")
+    hnsw_ef_construction: int = 128
     hnsw_ef_search: int = 256     # >= candidates
     hnsw_dtype: str = "f16"       # storage of the ANN copy of the vectors (exact rescoring uses float32)
     threads: int = 0              # threads for bulk ANN insertion (0 = all cores)
