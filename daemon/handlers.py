@@ -13,23 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel
 
 from memos import protocol as p
 from memos.agents import Agents
 from memos.api import Actor, Memos, NewMemory, Write
+from memos.models import plain
 
 
-ToWire = Callable[[Any], Any]
-
-
-def wire(value: Any) -> Any:
-    """Plain msgpack-able data from models and lists of models."""
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, list):
-        return [wire(v) for v in value]
-    return value
+wire = plain  # what every handler returns: plain msgpack-able data
 
 
 @dataclass

@@ -13,21 +13,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
 
 from .client import Client
 from .errors import MemosError
+from .models import plain
 
 EXIT_ERROR = 1
 EXIT_VERIFY_FAILED = 3
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _short(text: str | None, width: int = 70) -> str:
@@ -235,7 +227,7 @@ def _run(client: Client, a: argparse.Namespace) -> tuple[str, Any]:
         "audit tail": lambda: client.audit_tail(a.n),
         "audit checkpoint": client.audit_checkpoint,
     }
-    return name, _plain(calls[name]())
+    return name, plain(calls[name]())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

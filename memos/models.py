@@ -22,6 +22,15 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 TAG_PATTERN = re.compile(r"^[^\x00-\x1f\x7f]{1,64}\Z")
 
 
+def plain(value: Any) -> Any:
+    """Plain data (for msgpack or JSON) from models and lists of models."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
 class MemoryType(StrEnum):
     plaintext = "plaintext"
     activation = "activation"
