@@ -70,6 +70,7 @@ class SearchService:
         self._embed_thread.start()
         self._commits: queue.Queue[Any] = queue.Queue()
         self._caught_up = threading.Condition()
+        self._lag = 0  # memories committed but not yet in an index
         self._indexer = threading.Thread(target=self._index_loop, name="memosd-indexer", daemon=True)
         self._indexer.start()
 
@@ -285,6 +286,11 @@ class SearchService:
         slows commits down; searches wait until the index has caught up with the cube
         version they read, so every acknowledged write is still visible to them.
         """
+        with self._caught_up:
+            # Backpressure: a bulk load may not run further ahead of the index than this,
+            # so a search never waits long for the writes it must see.
+            self._caught_up.wait_for(lambda: self._lag < self.settings.max_index_lag)
+            self._lag += len(memory_ids)
         self._commits.put((cube, version, list(memory_ids)))
 
     def _index_loop(self) -> None:
@@ -299,6 +305,7 @@ class SearchService:
                 log.exception("index update failed; rebuilding", extra={"cube": cube})
                 self.model.submit(self._rebuild, cube)
             with self._caught_up:
+                self._lag -= len(memory_ids)
                 self._caught_up.notify_all()
 
     def _index_commit(self, cube: str, version: int, memory_ids: list[str]) -> None:

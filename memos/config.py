@@ -51,6 +51,7 @@ class SearchSettings(BaseModel):
     ann_threshold: int = Field(50_000, description="Cubes with more searchable memories use the HNSW index.")
     oversample: int = Field(4, description="Candidates fetched per wanted result before filters apply.")
     ready_timeout_s: float = Field(60.0, description="How long a search waits for a loading model or index.")
+    max_index_lag: int = Field(20_000, description="Committed memories the indexer may fall behind before writes wait.")
 
 
 class StoreSettings(BaseModel):
