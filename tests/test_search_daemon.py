@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 
 import numpy as np
@@ -191,5 +192,29 @@ def test_embedder_change_reembeds_without_mixing_spaces():
         d.start()  # back to the first space: its vectors are still stored, nothing mixes
         c = d.client(timeout=60)
         assert top(c, "notes", "where is the bike?", k=1) == ["The red bicycle is in the garage"]
+    finally:
+        d.cleanup()
+
+
+def test_every_acknowledged_write_is_searchable_under_a_small_index_lag():
+    d = Daemon(env={"MEMOS_SEARCH__EMBEDDER": "hashing", "MEMOS_SEARCH__MAX_INDEX_LAG": "3"}).start()
+    try:
+        c = d.client(timeout=60)
+        c.cube_create("burst")
+        words = ["amber", "basalt", "cobalt", "dune", "ember", "fjord", "garnet", "harbor"]
+
+        def writer(word: str) -> None:
+            own = d.client(timeout=60)
+            own.add_many("burst", [f"{word} note {i}" for i in range(10)])
+            own.add("burst", f"{word} final")
+
+        threads = [threading.Thread(target=writer, args=(w,)) for w in words]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for word in words:  # each search sees every write acknowledged before it
+            assert f"{word} final" in top(c, "burst", f"{word} final", k=3)
+        assert len(c.list("burst")) == 88
     finally:
         d.cleanup()
