@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import memosd  # bench/memosd.py
+
 PAYLOAD = {"v": 1, "id": "01J000000000000000000000", "op": "get",
            "args": {"cube": "bench", "id": "01J000000000000000000000", "pad": "x" * 120}}
 
@@ -142,21 +144,10 @@ def run_clients(target, args: tuple, clients: int) -> tuple[float, float, float]
 class Daemon:
     def __init__(self, root: Path, **env: str) -> None:
         self.socket = str(root / "memosd.sock")
-        environ = {**os.environ, "HF_HUB_OFFLINE": "1", "MEMOS_DAEMON__LOG_LEVEL": "WARNING", **env}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "memos.daemon.main", "--data-dir", str(root / "data"), "--socket", self.socket],
-            env=environ,
-        )
+        self.proc = memosd.spawn(root / "data", self.socket, env)
         from memos.client import Client
 
-        client = Client(self.socket, timeout=1.0, retries=0)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except Exception:
-                time.sleep(0.1)
-        self.client = client
+        self.client = Client(self.socket)
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

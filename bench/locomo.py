@@ -20,13 +20,12 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
+import memosd  # bench/memosd.py
 from memos.client import Client
 from memos.extraction import messages_to_memories
 
@@ -64,17 +63,7 @@ class Daemon:
         self.root = Path(tempfile.mkdtemp(prefix="memos-locomo-", dir="/tmp"))
         os.chmod(self.root, 0o700)
         self.socket = str(self.root / "memosd.sock")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "MEMOS_DAEMON__LOG_LEVEL": "WARNING"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "memos.daemon.main", "--data-dir",
-                                      str(self.root / "data"), "--socket", self.socket], env=env)
-        client = Client(self.socket, timeout=2.0, retries=0)
-        for _ in range(200):
-            try:
-                client.ping()
-                return
-            except Exception:
-                time.sleep(0.1)
-        raise SystemExit("memosd did not start")
+        self.proc = memosd.spawn(self.root / "data", self.socket, timeout=60)
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+import memosd  # bench/memosd.py
 from memos.client import Client
 
 DIM = 384
@@ -154,23 +155,8 @@ class Daemon:
         self.started = 0.0
 
     def start(self) -> None:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "MEMOS_DAEMON__LOG_LEVEL": "WARNING"}
         self.started = time.time()
-        self.proc = subprocess.Popen([sys.executable, "-m", "memos.daemon.main", "--data-dir", str(self.data),
-                                      "--socket", self.socket], env=env)
-        probe = Client(self.socket, timeout=1.0, retries=0)
-        try:
-            for _ in range(600):
-                if self.proc.poll() is not None:
-                    raise SystemExit(f"memosd exited with {self.proc.returncode}")
-                try:
-                    probe.ping()
-                    return
-                except Exception:
-                    time.sleep(0.1)
-        finally:
-            probe.close()
-        raise SystemExit("memosd did not start")
+        self.proc = memosd.spawn(self.data, self.socket, timeout=60)
 
     def client(self, timeout: float = 600.0) -> Client:
         return Client(self.socket, timeout=timeout, retries=0)
