@@ -303,10 +303,14 @@ class SearchService:
                 self._index_commit(cube, version, memory_ids)
             except Exception:
                 log.exception("index update failed; rebuilding", extra={"cube": cube})
-                self.model.submit(self._rebuild, cube)
-            with self._caught_up:
-                self._lag -= len(memory_ids)
-                self._caught_up.notify_all()
+                try:
+                    self.model.submit(self._rebuild, cube)
+                except RuntimeError:  # shutting down: the next start rebuilds the stale index
+                    pass
+            finally:  # the writer may be waiting on the lag: always release it
+                with self._caught_up:
+                    self._lag -= len(memory_ids)
+                    self._caught_up.notify_all()
 
     def _index_commit(self, cube: str, version: int, memory_ids: list[str]) -> None:
         if self._embedder is None:
