@@ -218,3 +218,23 @@ def test_every_acknowledged_write_is_searchable_under_a_small_index_lag():
         assert len(c.list("burst")) == 88
     finally:
         d.cleanup()
+
+
+def test_reindex_is_a_background_job_for_cube_admins():
+    d = Daemon(env={"MEMOS_SEARCH__EMBEDDER": "hashing"}).start()
+    try:
+        c = d.client(timeout=60)
+        c.cube_create("ops")
+        c.add_many("ops", ["rotate the deploy key", "renew the TLS certificate"])
+        token = c.agent_add("viewer")["token"]
+        c.cube_grant("ops", "viewer", "read")
+        viewer = d.client(token=token)
+        with pytest.raises(Denied):
+            viewer.reindex("ops")
+        assert c.reindex("ops") == {"cube": "ops", "started": True}
+        jobs = wait_jobs(c)
+        assert any(j["cube"] == "ops" and j["state"] == "done" and j["done"] == j["total"] == 2 for j in jobs)
+        assert [j["cube"] for j in viewer.jobs()] == [j["cube"] for j in jobs if j["cube"] == "ops"]
+        assert top(c, "ops", "TLS certificate", k=1) == ["renew the TLS certificate"]
+    finally:
+        d.cleanup()
