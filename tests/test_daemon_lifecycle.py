@@ -7,6 +7,8 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -64,12 +66,14 @@ def test_restart_keeps_everything(fresh_daemon):
     assert [m.text for m in admin.list("life")].count("retried") == 1
 
 
-def test_sigkill_during_writes_loses_nothing_acknowledged(fresh_daemon):
-    d = fresh_daemon
-    admin = d.client()
-    for i in range(4):
-        admin.cube_create(f"crash{i}")
-    acked: list[list[str]] = [[] for _ in range(4)]
+@contextmanager
+def writing(d: Daemon, cubes: list[str], at_least: int) -> Iterator[list[list[str]]]:
+    """One writer thread per entry of ``cubes``, adding until the daemon goes away.
+
+    Yields the acknowledged ids per writer once ``at_least`` writes in all are
+    acknowledged; the threads are joined when the block ends.
+    """
+    acked: list[list[str]] = [[] for _ in cubes]
     stop = threading.Event()
 
     def writer(i: int) -> None:
@@ -78,7 +82,7 @@ def test_sigkill_during_writes_loses_nothing_acknowledged(fresh_daemon):
             n = 0
             while not stop.is_set():
                 try:
-                    m = c.add(f"crash{i}", f"item {n}")
+                    m = c.add(cubes[i], f"w{i} item {n}")
                 except MemosError:
                     return  # the daemon is gone
                 acked[i].append(m.id)
@@ -86,16 +90,27 @@ def test_sigkill_during_writes_loses_nothing_acknowledged(fresh_daemon):
         finally:
             c.close()
 
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(len(cubes))]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 30
-    while sum(map(len, acked)) < 200 and time.monotonic() < deadline:
+    while sum(map(len, acked)) < at_least and time.monotonic() < deadline:
         time.sleep(0.01)
-    d.kill()  # mid-stream: writers still sending
-    stop.set()
-    for t in threads:
-        t.join(10)
+    try:
+        yield acked
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+
+
+def test_sigkill_during_writes_loses_nothing_acknowledged(fresh_daemon):
+    d = fresh_daemon
+    admin = d.client()
+    for i in range(4):
+        admin.cube_create(f"crash{i}")
+    with writing(d, [f"crash{i}" for i in range(4)], at_least=200) as acked:
+        d.kill()  # mid-stream: writers still sending
     assert sum(map(len, acked)) >= 200
     assert d.socket.exists(), "SIGKILL leaves the socket behind"
 
@@ -223,31 +238,9 @@ def test_sigterm_under_load_answers_or_drops_but_loses_nothing_acknowledged(make
     d = make_daemon().start()
     admin = d.client()
     admin.cube_create("drain")
-    acked: list[str] = []
-    lock = threading.Lock()
-
-    def writer(i: int) -> None:
-        c = Client(d.socket, timeout=1.5, retries=0)
-        try:
-            for n in range(10_000):
-                try:
-                    m = c.add("drain", f"w{i} {n}")
-                except MemosError:
-                    return
-                with lock:
-                    acked.append(m.id)
-        finally:
-            c.close()
-
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 30
-    while len(acked) < 100 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    d.stop()  # SIGTERM mid-stream: exit 0, no traceback
-    for t in threads:
-        t.join(10)
+    with writing(d, ["drain"] * 4, at_least=100) as per_writer:
+        d.stop()  # SIGTERM mid-stream: exit 0, no traceback
+    acked = [memory_id for ids in per_writer for memory_id in ids]
     d.start()
     admin = d.client()
     stored = [m.id for m in admin.list("drain")]
