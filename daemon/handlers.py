@@ -92,7 +92,7 @@ def cube_get(ctx: Context, actor: Actor, args: p.CubeArgs) -> Any:
 
 @reads("get")
 def get(ctx: Context, actor: Actor, args: p.GetArgs) -> Any:
-    return wire(ctx.memos.get(actor, args.cube, args.id, at=args.at, include_deleted=args.include_deleted))
+    return ctx.memos.get_plain(actor, args.cube, args.id, at=args.at, include_deleted=args.include_deleted)
 
 
 @reads("list")

@@ -286,6 +286,8 @@ class SearchService:
         slows commits down; searches wait until the index has caught up with the cube
         version they read, so every acknowledged write is still visible to them.
         """
+        if not self.enabled:
+            return  # search is off: nothing derived to maintain
         with self._caught_up:
             # Backpressure: a bulk load may not run further ahead of the index than this,
             # so a search never waits long for the writes it must see.

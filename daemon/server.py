@@ -51,6 +51,7 @@ _INLINE_MAX_FRAME = 64 << 10
 _EMBEDDING_OPS = frozenset({"add", "add_many", "update"})
 # Plain ints: pyzmq's enum flags cost microseconds per operation on the hot path.
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
 
 
 def private_dir(path: Path) -> Path:
@@ -198,8 +199,9 @@ class Server:
 
     def _send_now(self, identity: bytes):
         def send(reply: dict[str, Any]) -> None:
-            try:
-                self.router.send_multipart([identity, p.encode(reply)], _NOBLOCK)
+            try:  # two plain sends: send_multipart's generality costs on this path
+                self.router.send(identity, _SNDMORE_NOBLOCK)
+                self.router.send(p.encode(reply), _NOBLOCK)
             except zmq.ZMQError as exc:
                 log.debug("reply dropped: %s", exc)
 

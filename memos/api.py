@@ -169,8 +169,14 @@ class Memos:
             self.store.write(lambda txn, exc=exc: self._audit_failure(txn, failed, exc))
             raise
 
-    def _require(self, txn: lmdb.Transaction, actor: Actor, cube: Any, role: Role) -> Cube:
-        found = self.ledger.cube(txn, check.name(cube, "cube"))
+    def _require(self, txn: lmdb.Transaction, actor: Actor, cube: Any, role: Role, shared: bool = False) -> Cube:
+        """The cube, if ``actor`` holds ``role`` on it.
+
+        ``shared``: a cached object other readers share, for callers that
+        neither modify the cube nor hand it out.
+        """
+        name = check.name(cube, "cube")
+        found = self.ledger.shared_cube(txn, name) if shared else self.ledger.cube(txn, name)
         if actor.admin or found.owner == actor.name:
             return found
         held = found.acl.get(actor.name)
@@ -405,27 +411,46 @@ class Memos:
     def get(self, actor: Actor, cube: str, memory_id: str, at: int | None = None,
             include_deleted: bool = False) -> Memory:
         """A memory now, or as it was at cube version ``at``."""
+        return Memory.model_validate(self.get_plain(actor, cube, memory_id, at, include_deleted))
 
-        def fn(txn: lmdb.Transaction) -> Memory:
-            found = self._require(txn, actor, cube, Role.read)
+    def get_plain(self, actor: Actor, cube: str, memory_id: str, at: int | None = None,
+                  include_deleted: bool = False) -> dict[str, Any]:
+        """``get`` as plain data (``Memory.model_dump(mode="json")``) straight from the state bytes.
+
+        The daemon's point read: building and dumping a pydantic model per
+        read cost more than the read itself.
+        """
+
+        def fn(txn: lmdb.Transaction) -> dict[str, Any]:
+            found = self._require(txn, actor, cube, Role.read, shared=True)
+            wanted = check.memory_id(memory_id)
             if at is None:
-                mem = self._current(txn, found.name, memory_id)
+                row = self.ledger.head(txn, found.name, wanted)
+                if row is None:
+                    raise NotFound(f"no memory {memory_id} in cube {found.name!r}", cube=found.name, memory=memory_id)
             else:
-                mem = self._at(txn, found, memory_id, at)
-            if mem.status is Status.deleted and not include_deleted:
-                raise NotFound(f"memory {mem.id} was deleted", cube=found.name, memory=mem.id)
-            mem.usage = self._usage_of(txn, found.name, mem.id)
+                version = self._version_in(found, at)
+                row = self.ledger.state_at(txn, found.name, wanted, version)
+                if row is None:
+                    raise NotFound(f"memory {memory_id} did not exist at version {version}",
+                                   cube=found.name, memory=memory_id, version=version)
+            mem = codec.unpack(row[1])
+            if mem["status"] == Status.deleted.value and not include_deleted:
+                raise NotFound(f"memory {mem['id']} was deleted", cube=found.name, memory=mem["id"])
+            mem["version"] = row[0]
+            mem["content_hash"] = codec.sha256_hex(row[1])
+            mem["usage"] = self._usage_plain(txn, found.name, wanted)
             return mem
 
         mem = self.read(actor, "get", cube, fn)
-        self._usage.record(mem.cube, [mem.id])
+        self._usage.record(mem["cube"], [mem["id"]])
         return mem
 
     def get_many(self, actor: Actor, cube: str, memory_ids: Iterable[str], at: int | None = None) -> dict[str, Memory]:
         """Several memories in one snapshot (missing ones left out); counts no reads."""
 
         def fn(txn: lmdb.Transaction) -> dict[str, Memory]:
-            found = self._require(txn, actor, cube, Role.read)
+            found = self._require(txn, actor, cube, Role.read, shared=True)
             version = None if at is None else self._version_in(found, at)
             out = {}
             for memory_id in memory_ids:
@@ -436,14 +461,6 @@ class Memos:
             return out
 
         return self.read(actor, "get_many", cube, fn)
-
-    def _at(self, txn: lmdb.Transaction, cube: Cube, memory_id: Any, at: Any) -> Memory:
-        version = self._version_in(cube, at)
-        state = self.ledger.state_at(txn, cube.name, check.memory_id(memory_id), version)
-        if state is None:
-            raise NotFound(f"memory {memory_id} did not exist at version {version}",
-                           cube=cube.name, memory=memory_id, version=version)
-        return Memory.from_state_bytes(state[1], state[0])
 
     @staticmethod
     def _version_in(cube: Cube, at: Any) -> int:
@@ -460,7 +477,7 @@ class Memos:
         """Memories in id (creation) order, filtered; ``status=None`` lists all."""
 
         def fn(txn: lmdb.Transaction) -> list[Memory]:
-            found = self._require(txn, actor, cube, Role.read)
+            found = self._require(txn, actor, cube, Role.read, shared=True)
             if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
                 raise InvalidRequest("limit must be a non-negative integer", field="limit")
             wanted = None if status is None else check.status(status)
@@ -482,7 +499,7 @@ class Memos:
         """Every memory's exact state bytes (all statuses), now or at a version."""
 
         def fn(txn: lmdb.Transaction) -> dict[str, bytes]:
-            found = self._require(txn, actor, cube, Role.read)
+            found = self._require(txn, actor, cube, Role.read, shared=True)
             rows = (self.ledger.iter_heads(txn, found.name) if at is None
                     else self.ledger.iter_state_at(txn, found.name, self._version_in(found, at)))
             return {memory_id: state for memory_id, _, state in rows}
@@ -491,7 +508,7 @@ class Memos:
 
     def get_blob(self, actor: Actor, cube: str, sha256: str) -> bytes:
         def fn(txn: lmdb.Transaction) -> bytes:
-            self._require(txn, actor, cube, Role.read)
+            self._require(txn, actor, cube, Role.read, shared=True)
             if not isinstance(sha256, str) or len(sha256) != 64:
                 raise InvalidRequest("blob id must be a sha256 hex digest", field="sha256")
             return self.ledger.get_blob(txn, sha256, cube)
@@ -507,13 +524,14 @@ class Memos:
         if isinstance(cube, str) and NAME_PATTERN.match(cube):
             self._usage.record(cube, [m for m in memory_ids if is_id(m)])
 
-    def _usage_of(self, txn: lmdb.Transaction, cube: str, memory_id: str) -> Usage:
+    def _usage_plain(self, txn: lmdb.Transaction, cube: str, memory_id: str) -> dict[str, Any]:
+        """Stored read counts plus those not yet written, as ``Usage`` plain data."""
         raw = txn.get(memory_key(cube, memory_id), db=self.store.db["usage"])
-        usage = Usage.model_validate(codec.unpack(raw)) if raw is not None else Usage()
+        usage = codec.unpack(raw) if raw is not None else {"reads": 0, "last_read": None}
         count, last = self._usage.peek(cube, memory_id)
-        usage.reads += count
+        usage["reads"] += count
         if last is not None:
-            usage.last_read = last
+            usage["last_read"] = last
         return usage
 
     def _write_usage(self, txn: lmdb.Transaction, pending: dict[tuple[str, str], list[float]]) -> None:
@@ -538,7 +556,7 @@ class Memos:
         """Commits newest first; with ``memory_id``, only those that touched it."""
 
         def fn(txn: lmdb.Transaction) -> list[Commit]:
-            found = self._require(txn, actor, cube, Role.read)
+            found = self._require(txn, actor, cube, Role.read, shared=True)
             if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
                 raise InvalidRequest("limit must be a positive integer", field="limit")
             hi = found.version if before is None else check.version(before, "before") - 1
@@ -562,7 +580,7 @@ class Memos:
         """What changed from version ``v1`` to ``v2`` (either order)."""
 
         def fn(txn: lmdb.Transaction) -> list[DiffEntry]:
-            found = self._require(txn, actor, cube, Role.read)
+            found = self._require(txn, actor, cube, Role.read, shared=True)
             a, b = self._version_in(found, v1), self._version_in(found, v2)
             out = []
             for memory_id in self.ledger.touched_between(txn, found.name, min(a, b), max(a, b)):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import itertools
 import os
 import threading
 import time
@@ -24,7 +25,6 @@ import zmq.asyncio
 from . import protocol as p
 from .errors import InvalidRequest, MemosError, Timeout, TooLarge, from_wire
 from .extraction import messages_to_memories
-from .ids import new_id
 from .models import AuditRecord, Checkpoint, Commit, Cube, DiffEntry, Memory, SearchHit, VerifyReport
 
 
@@ -50,6 +50,10 @@ class AsyncClient:
         self.timeout = timeout
         self.retries = retries
         self.max_message_bytes = max_message_bytes
+        # Request ids: a random prefix per client and a counter, unique without a
+        # syscall per request (the daemon keys retries by agent and request id).
+        self._rid_prefix = os.urandom(8).hex()
+        self._rid_counter = itertools.count(1)
         self._ctx = zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -86,7 +90,7 @@ class AsyncClient:
         spec = p.OPS.get(op)
         if spec is None:
             raise InvalidRequest(f"unknown operation {op!r}")
-        rid = new_id()
+        rid = f"{self._rid_prefix}{next(self._rid_counter):x}"
         # None means "not given", except for a required field whose value may be
         # null (cube_grant's role: null revokes), which must be sent as such.
         fields = spec.args.model_fields
@@ -318,6 +322,7 @@ class Client(AsyncClient):
         if sock is None:
             sock = zmq.Context.instance().socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            self._local.rcvtimeo = sock.RCVTIMEO  # set per wait, only when it changes
             sock.connect(f"ipc://{self.socket_path}")
             self._local.sock = sock
             with self._sockets_lock:
@@ -331,18 +336,25 @@ class Client(AsyncClient):
         """Send one request and wait for its result, resending with the same id on timeout."""
         rid, frame = self._frame(op, args)
         sock = self._socket()
+        full_ms = max(1, int(self.timeout * 1000))
         for _ in range(self.retries + 1):
             sock.send(frame)
             deadline = time.monotonic() + self.timeout
-            while (left := deadline - time.monotonic()) > 0:
-                sock.RCVTIMEO = max(1, int(left * 1000))
+            wait_ms = full_ms
+            while True:
+                if self._local.rcvtimeo != wait_ms:
+                    sock.RCVTIMEO = self._local.rcvtimeo = wait_ms
                 try:
                     reply = p.decode(sock.recv(), 1 << 62)
                 except zmq.Again:
                     break
                 if reply.get("id") == rid:
                     return self._result(reply)
-                # else: a late reply to an earlier, abandoned request; drop it
+                # A late reply to an earlier, abandoned request: drop it, wait out the rest.
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                wait_ms = max(1, int(left * 1000))
         raise self._gave_up()
 
     def close(self) -> None:  # type: ignore[override]

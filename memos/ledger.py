@@ -54,6 +54,9 @@ class Ledger:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.db = store.db
+        # Decoded cube records by their exact bytes: every read checks its
+        # cube's ACL, and validating the record each time cost more than the read.
+        self._shared_cubes: dict[bytes, Cube] = {}
 
     # -- cubes ----------------------------------------------------------
 
@@ -62,6 +65,19 @@ class Ledger:
         if raw is None:
             raise NotFound(f"no cube named {name!r}", cube=name)
         return Cube.model_validate(codec.unpack(raw))
+
+    def shared_cube(self, txn: lmdb.Transaction, name: str) -> Cube:
+        """The cube as stored, shared by all readers of those bytes: never modify it."""
+        raw = txn.get(check_key(name.encode()), db=self.db["cubes"])
+        if raw is None:
+            raise NotFound(f"no cube named {name!r}", cube=name)
+        cube = self._shared_cubes.get(raw)
+        if cube is None:
+            cube = Cube.model_validate(codec.unpack(raw))
+            if len(self._shared_cubes) >= 1024:  # old records of changed cubes pile up
+                self._shared_cubes.clear()
+            self._shared_cubes[raw] = cube
+        return cube
 
     def has_cube(self, txn: lmdb.Transaction, name: str) -> bool:
         return txn.get(check_key(name.encode()), db=self.db["cubes"]) is not None

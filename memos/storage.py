@@ -64,18 +64,25 @@ class _ResizeGate:
         self._active = 0
         self._resizing = False
 
-    @contextmanager
-    def open(self) -> Iterator[None]:
+    def enter(self) -> None:
         with self._cond:
             while self._resizing:
                 self._cond.wait()
             self._active += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._active -= 1
+            if self._resizing and not self._active:  # only a resize waits on this
+                self._cond.notify_all()
+
+    @contextmanager
+    def open(self) -> Iterator[None]:
+        self.enter()
         try:
             yield
         finally:
-            with self._cond:
-                self._active -= 1
-                self._cond.notify_all()
+            self.leave()
 
     def exclusive(self, fn: Callable[[], None]) -> None:
         with self._cond:
@@ -96,6 +103,41 @@ def check_key(key: bytes) -> bytes:
     if len(key) > MAX_KEY_BYTES:
         raise TooLarge(f"key of {len(key)} bytes exceeds LMDB's {MAX_KEY_BYTES}", size=len(key))
     return key
+
+
+class _Snapshot:
+    """A read transaction inside the resize gate; a class, not a generator: every read pays for it."""
+
+    __slots__ = ("store", "txn")
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.txn: lmdb.Transaction | None = None
+
+    def __enter__(self) -> lmdb.Transaction:
+        store = self.store
+        for _ in range(3):
+            store._gate.enter()
+            try:
+                self.txn = store.env.begin(write=False)
+                return self.txn
+            except lmdb.MapResizedError:
+                store._gate.leave()
+                # Adopting needs every transaction of this process closed, this
+                # read's gate slot included: doing it inside the gate deadlocked.
+                store._adopt_resize()
+            except lmdb.Error as exc:
+                store._gate.leave()
+                raise _translate(exc) from exc
+        raise StorageError("map keeps being resized by another process; retry")
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        try:
+            self.txn.abort()
+        finally:
+            self.store._gate.leave()
+        if exc is not None and isinstance(exc, lmdb.Error):
+            raise _translate(exc) from exc
 
 
 class Store:
@@ -160,28 +202,9 @@ class Store:
 
     # -- transactions ---------------------------------------------------
 
-    @contextmanager
-    def read(self) -> Iterator[lmdb.Transaction]:
-        """A consistent snapshot for reads; several may run at once."""
-        for _ in range(3):
-            with self._gate.open():
-                try:
-                    txn = self.env.begin(write=False)
-                except lmdb.MapResizedError:
-                    txn = None  # adopt the new size below, outside the gate
-                except lmdb.Error as exc:
-                    raise _translate(exc) from exc
-                if txn is not None:
-                    try:
-                        with txn:
-                            yield txn
-                    except lmdb.Error as exc:
-                        raise _translate(exc) from exc
-                    return
-            # Adopting needs every transaction of this process closed, this
-            # read's gate slot included: doing it inside the gate deadlocked.
-            self._adopt_resize()
-        raise StorageError("map keeps being resized by another process; retry")
+    def read(self) -> _Snapshot:
+        """A consistent snapshot for reads (``with store.read() as txn``); several may run at once."""
+        return _Snapshot(self)
 
     def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
         """Run ``fn`` in one durable write transaction; replay it if the map fills."""
