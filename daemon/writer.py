@@ -165,7 +165,7 @@ class Writer(threading.Thread):
             if not job.idempotent:
                 return (result, None), version, detail
             reply = ok_reply(job.request_id, wire(result))
-            txn.put(job.key, codec.pack({"time": time.time(), "reply": reply}), db=self.db)
+            txn.put(job.key, codec.pack_unsorted({"time": time.time(), "reply": reply}), db=self.db)
             return (result, reply), version, detail
 
         return Write(inner.actor, inner.op, inner.cube, fn, inner.request_id)

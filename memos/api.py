@@ -329,8 +329,9 @@ class Memos:
                 raise TooLarge(f"{len(items)} memories exceed the batch limit of {self.limits.max_batch}", field="items")
             mems = [self._build(txn, actor, found, item, request_id) for item in items]
             version = found.version + 1
-            changes = [Change(memory_id=m.id, before=None, after=codec.sha256_hex(self._store_state(txn, m, version)))
-                       for m in mems]
+            for m in mems:
+                self._store_state(txn, m, version)
+            changes = [Change(memory_id=m.id, before=None, after=m.content_hash) for m in mems]
             self._commit(txn, actor, found, op, changes)
             return mems, version, {"memories": [m.id for m in mems]}
 
@@ -382,7 +383,8 @@ class Memos:
                 raise InvalidRequest("nothing to update", field="text")
             mem.updated_at = time.time()
             version = found.version + 1
-            after = codec.sha256_hex(self._store_state(txn, mem, version))
+            self._store_state(txn, mem, version)
+            after = mem.content_hash
             self._commit(txn, actor, found, op, [Change(memory_id=mem.id, before=before, after=after)])
             return mem, version, {"memories": [mem.id]}
 
@@ -542,7 +544,7 @@ class Memos:
             usage = Usage.model_validate(codec.unpack(raw)) if raw is not None else Usage()
             usage.reads += int(count)
             usage.last_read = max(usage.last_read or 0.0, last)
-            txn.put(key, codec.pack(usage.model_dump(mode="json")), db=db)
+            txn.put(key, codec.pack_unsorted(usage.model_dump(mode="json")), db=db)
 
     def flush_usage(self) -> None:
         pending = self._usage.take()

@@ -40,16 +40,19 @@ class AuditLog:
     def append(
         self, txn: lmdb.Transaction, *, actor: str, op: str, outcome: str,
         cube: str | None = None, version: int | None = None, detail: dict[str, Any] | None = None,
-    ) -> AuditRecord:
-        head = self.head(txn)
-        record = AuditRecord(
-            seq=head.seq + 1, time=time.time(), actor=actor, op=op, outcome=outcome,
-            cube=cube, version=version, detail=_bounded(detail or {}), prev=head.head,
-        )
-        record.hash = codec.sha256_hex(record.body_bytes())
-        txn.put(codec.u64(record.seq), codec.pack(record.model_dump(mode="json")), db=self.db)
-        txn.put(_HEAD_KEY, codec.pack({"seq": record.seq, "head": record.hash}), db=self.meta)
-        return record
+    ) -> None:
+        raw = txn.get(_HEAD_KEY, db=self.meta)
+        head = {"seq": 0, "head": GENESIS} if raw is None else codec.unpack(raw)
+        seq, prev = head["seq"], head["head"]
+        # Plain data in AuditRecord's JSON form (fields in its order): this runs
+        # in every write, and verify() re-derives the same body from the model.
+        record: dict[str, Any] = {
+            "seq": seq + 1, "time": time.time(), "actor": actor, "op": op, "outcome": outcome,
+            "cube": cube, "version": version, "detail": _bounded(detail or {}), "prev": prev,
+        }
+        record["hash"] = codec.sha256_hex(codec.pack(record))
+        txn.put(codec.u64(seq + 1), codec.pack_unsorted(record), db=self.db)
+        txn.put(_HEAD_KEY, codec.pack_unsorted({"seq": seq + 1, "head": record["hash"]}), db=self.meta)
 
     def tail(self, txn: lmdb.Transaction, n: int = 20, after: int | None = None) -> list[AuditRecord]:
         """The last ``n`` records, or up to ``n`` records following seq ``after``."""

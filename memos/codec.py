@@ -1,7 +1,8 @@
-"""Byte encodings: canonical msgpack for stored records and hashing.
+"""Byte encodings: canonical msgpack for what is hashed, plain msgpack for other records.
 
 Canonical means maps are written with sorted keys, so equal values always give
-equal bytes; content hashes and the audit chain depend on that.
+equal bytes; content hashes and the audit chain depend on that. Records that
+nothing hashes (cubes, commits, stored replies) skip the sorting.
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ def pack(value: Any) -> bytes:
     """Encode a plain value (dicts, lists, scalars, bytes) canonically."""
     try:
         return msgpack.packb(_canonical(value), use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidRequest(f"value cannot be encoded: {exc}") from exc
+
+
+def pack_unsorted(value: Any) -> bytes:
+    """Encode plain data as given, for stored records that nothing hashes (cheaper than ``pack``)."""
+    try:
+        return msgpack.packb(value, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
         raise InvalidRequest(f"value cannot be encoded: {exc}") from exc
 

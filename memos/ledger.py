@@ -83,7 +83,7 @@ class Ledger:
         return txn.get(check_key(name.encode()), db=self.db["cubes"]) is not None
 
     def put_cube(self, txn: lmdb.Transaction, cube: Cube) -> None:
-        txn.put(cube.name.encode(), codec.pack(cube.model_dump(mode="json")), db=self.db["cubes"])
+        txn.put(cube.name.encode(), codec.pack_unsorted(cube.model_dump(mode="json")), db=self.db["cubes"])
 
     def cubes(self, txn: lmdb.Transaction) -> Iterator[Cube]:
         for _, raw in txn.cursor(db=self.db["cubes"]):
@@ -215,7 +215,7 @@ class Ledger:
 
     def put_commit(self, txn: lmdb.Transaction, commit: Commit) -> None:
         key = commit_key(commit.cube, commit.version)
-        if not txn.put(key, codec.pack(commit.model_dump(mode="json")), db=self.db["commits"], overwrite=False):
+        if not txn.put(key, codec.pack_unsorted(commit.model_dump(mode="json")), db=self.db["commits"], overwrite=False):
             raise InvalidRequest(f"commit {commit.version} of {commit.cube} already exists")
 
     def commit(self, txn: lmdb.Transaction, cube: str, version: int) -> Commit:
