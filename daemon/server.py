@@ -52,6 +52,7 @@ _EMBEDDING_OPS = frozenset({"add", "add_many", "update"})
 # Plain ints: pyzmq's enum flags cost microseconds per operation on the hot path.
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 _SNDMORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
+_ANONYMOUS = Actor("anonymous")  # who a request that fails before authentication is audited as
 
 
 def private_dir(path: Path) -> Path:
@@ -80,6 +81,19 @@ class _Lock:
 
     def release(self) -> None:
         os.close(self.fd)
+
+
+class _Queued:
+    """A reply sent from another thread: it reaches the ROUTER through the main thread."""
+
+    __slots__ = ("server", "identity")
+
+    def __init__(self, server: Server, identity: bytes) -> None:
+        self.server = server
+        self.identity = identity
+
+    def __call__(self, reply: dict[str, Any]) -> None:
+        self.server._out().send_multipart([self.identity, p.encode(reply)])
 
 
 class Server:
@@ -135,7 +149,7 @@ class Server:
         self.pool = ThreadPoolExecutor(self.cfg.read_workers, thread_name_prefix="memosd-worker")
         self.writer = Writer(self.memos, max_group=self.cfg.max_group,
                              retention_s=self.cfg.request_retention_s, publish=self._publish,
-                             on_commit=self.search.on_commit)
+                             on_commit=self.search.on_commit, deliver=self._deliver)
         self.writer.start()
         self.search.start()
         log.info("memosd listening", extra={"socket": str(self.socket_path), "data_dir": str(data_dir),
@@ -208,13 +222,16 @@ class Server:
         return send
 
     def _forward(self) -> None:
+        """Send replies finished elsewhere: each message is identity, reply[, identity, reply...]."""
         while self._pull.getsockopt(_EVENTS) & _POLLIN:
-            reply = self._pull.recv_multipart()
-            self._in_flight -= 1
-            try:
-                self.router.send_multipart(reply, _NOBLOCK)
-            except zmq.ZMQError as exc:  # the client left before its reply
-                log.debug("reply dropped: %s", exc)
+            frames = self._pull.recv_multipart()
+            for i in range(0, len(frames), 2):
+                self._in_flight -= 1
+                try:
+                    self.router.send(frames[i], _SNDMORE_NOBLOCK)
+                    self.router.send(frames[i + 1], _NOBLOCK)
+                except zmq.ZMQError as exc:  # the client left before its reply
+                    log.debug("reply dropped: %s", exc)
 
     # -- workers ----------------------------------------------------------
 
@@ -228,11 +245,19 @@ class Server:
                 self._out_sockets.append(sock)
         return sock
 
-    def _reply_to(self, identity: bytes):
-        def send(reply: dict[str, Any]) -> None:
-            self._out().send_multipart([identity, p.encode(reply)])
+    def _reply_to(self, identity: bytes) -> _Queued:
+        return _Queued(self, identity)
 
-        return send
+    def _deliver(self, replies: list[tuple[Any, dict[str, Any]]]) -> None:
+        """The writer's replies of one commit: one message to the main thread, not one each."""
+        frames: list[bytes] = []
+        for reply, message in replies:
+            if isinstance(reply, _Queued) and reply.server is self:
+                frames += (reply.identity, p.encode(message))
+            else:
+                reply(message)
+        if frames:
+            self._out().send_multipart(frames)
 
     def _publish(self, cube: str, event: dict[str, Any]) -> None:
         # Only the writer publishes, so it alone uses the PUB socket: no hop.
@@ -251,7 +276,7 @@ class Server:
                 self._in_flight += 1
 
         message: Any = None
-        actor = Actor("anonymous")
+        actor = _ANONYMOUS
         op = "request"
         try:
             if len(payloads) != 1:

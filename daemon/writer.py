@@ -33,6 +33,7 @@ from .handlers import wire
 log = logging.getLogger("memosd.writer")
 
 Reply = Callable[[dict[str, Any]], None]
+Deliver = Callable[[list[tuple[Reply, dict[str, Any]]]], None]  # a commit's replies, together
 Publish = Callable[[str, dict[str, Any]], None]
 OnCommit = Callable[[str, int, list[str]], None]  # what a commit changed, before its reply leaves
 
@@ -53,14 +54,21 @@ class Job:
 _STOP = object()
 
 
+def _one_by_one(replies: list[tuple[Reply, dict[str, Any]]]) -> None:
+    for reply, message in replies:
+        reply(message)
+
+
 class Writer(threading.Thread):
     def __init__(self, memos: Memos, *, max_group: int, retention_s: float, publish: Publish,
-                 on_commit: OnCommit | None = None, commit_delay_s: float = 0.0005) -> None:
+                 on_commit: OnCommit | None = None, deliver: Deliver | None = None,
+                 commit_delay_s: float = 0.0005) -> None:
         super().__init__(name="memosd-writer", daemon=True)
         self.memos = memos
         self.max_group = max_group
         self.commit_delay_s = commit_delay_s
         self.on_commit = on_commit or (lambda cube, version, memory_ids: None)
+        self.deliver = deliver or _one_by_one
         self.retention_s = retention_s
         self.publish = publish
         self.queue: queue.Queue[Any] = queue.Queue()
@@ -147,6 +155,7 @@ class Writer(threading.Thread):
             results = [InternalError(f"write failed: {type(exc).__name__}")] * len(fresh)
         self.commits += 1
         self.writes += len(fresh)
+        out: list[tuple[Reply, dict[str, Any]]] = []
         for job, result in zip(fresh, results):
             if isinstance(result, MemosError):
                 reply = error_reply(job.request_id or None, result)
@@ -154,7 +163,8 @@ class Writer(threading.Thread):
                 value, reply = result
                 self._announce(job, value)
             for j in [job, *waiting.get(job.key, [])] if job.idempotent else [job]:
-                j.reply(reply)
+                out.append((j.reply, reply))
+        self.deliver(out)
 
     def _recording(self, job: Job) -> Write:
         """The job's write, also storing its reply for retries in the same transaction."""

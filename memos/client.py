@@ -93,10 +93,9 @@ class AsyncClient:
         rid = f"{self._rid_prefix}{next(self._rid_counter):x}"
         # None means "not given", except for a required field whose value may be
         # null (cube_grant's role: null revokes), which must be sent as such.
-        fields = spec.args.model_fields
+        required = spec.required
         message: dict[str, Any] = {"v": p.PROTOCOL_VERSION, "id": rid, "op": op,
-                                   "args": {k: v for k, v in args.items()
-                                            if v is not None or (k in fields and fields[k].is_required())}}
+                                   "args": {k: v for k, v in args.items() if v is not None or k in required}}
         if self.token:
             message["token"] = self.token
         frame = p.encode(message)

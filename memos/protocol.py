@@ -38,6 +38,7 @@ Event (PUB)::
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -191,6 +192,11 @@ class Op:
     args: type[_Args]
     writes: bool
     doc: str
+
+    @functools.cached_property
+    def required(self) -> frozenset[str]:
+        """Arguments without a default (a client must send them, even as null)."""
+        return frozenset(k for k, f in self.args.model_fields.items() if f.is_required())
 
 
 OPS: dict[str, Op] = {
