@@ -33,7 +33,7 @@ from memos import protocol as p
 from memos.api import LOCAL_ADMIN, Actor, Memos, Write
 from memos.config import SearchSettings
 from memos.errors import InternalError, InvalidRequest, MemosError, ModelMismatch, Unavailable
-from memos.models import Memory, MemoryType, Status
+from memos.models import Memory, MemoryType, Status, plain
 from memos.retrieval import Doc, HybridIndex, RetrievalConfig, doc_for, key_text
 
 log = logging.getLogger("memosd.search")
@@ -56,6 +56,8 @@ class SearchService:
         self.index_dir = index_dir
         self.jobs = jobs
         self.model = ThreadPoolExecutor(1, thread_name_prefix="memosd-model")
+        # Query embeddings run here while the searching thread scores words.
+        self._queries = ThreadPoolExecutor(2, thread_name_prefix="memosd-query")
         self._embedder: Any = None
         self._embedder_ready = threading.Event()
         self._embedder_error: BaseException | None = None
@@ -198,6 +200,7 @@ class SearchService:
         """Finish queued embeddings (handing them to the writer), then stop model work."""
         self._queue.put(None)
         self._embed_thread.join()
+        self._queries.shutdown(wait=True)
         self.model.shutdown(wait=True)
 
     def prepare(self, writes: Sequence[tuple[str, Any, Write]]) -> list[Write | MemosError]:
@@ -459,49 +462,63 @@ class SearchService:
         cube = self.memos.get_cube(actor, a.cube)  # access check (audited on denial)
         if not a.query.strip():
             raise InvalidRequest("query is empty", field="query")
-        qvec = self.embed([a.query])[0]
+        self.embedder  # noqa: B018  (raises Unavailable now rather than inside the index)
+        embedding = self._queries.submit(self.embed, [a.query])
+
+        def qvec() -> np.ndarray:  # the index asks once its lexical scores are done
+            return embedding.result()[0]
+
         keep = _filter(a)
         if a.at is not None:
-            mems = {m.id: m for m in self.memos.list(actor, cube.name, at=a.at, status=None) if _searchable(m)}
+            found = [m for m in self.memos.list(actor, cube.name, at=a.at, status=None) if _searchable(m)]
             index = HybridIndex(self.embedder.dim, self._config())
-            docs = [_doc(m) for m in mems.values()]
+            docs = [_doc(m) for m in found]
             if docs:
                 index.upsert(docs, self._vectors_for([d.key for d in docs]))
+            mems = {m.id: plain(m) for m in found}
             allow = {i for i, m in mems.items() if keep(m)}
             hits = index.search(a.query, qvec, a.k, allow=allow)
         else:
             index = self._index(cube.name)
             self._wait_until_current(cube.name, cube.version)
             hits, mems = self._filtered(actor, cube.name, index, a, qvec, keep)
-        results = [{"memory": mems[h.id].model_dump(mode="json"), "score": h.score,
+        results = [{"memory": mems[h.id], "score": h.score,
                     "lexical": h.lexical, "dense": h.dense} for h in hits if h.id in mems][: a.k]
         self.memos.record_reads(cube.name, [r["memory"]["id"] for r in results])
         return results
 
-    def _filtered(self, actor: Actor, cube: str, index: HybridIndex, a: p.SearchArgs, qvec: np.ndarray,
-                  keep: Callable[[Memory], bool]):
+    def _filtered(self, actor: Actor, cube: str, index: HybridIndex, a: p.SearchArgs,
+                  qvec: Callable[[], np.ndarray],
+                  keep: Callable[[dict[str, Any]], bool]):
         """Best hits that pass the filters: oversample first, scan only when that falls short."""
         want = a.k * self.settings.oversample
         hits = index.search(a.query, qvec, want)
-        mems = self.memos.get_many(actor, cube, [h.id for h in hits])
-        passing = [h for h in hits if h.id in mems and keep(mems[h.id])]
-        if len(passing) >= a.k or len(hits) < want:
+        passing: list[Any] = []
+        mems: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(hits), a.k):  # read k at a time: most searches need only the first k
+            page = self.memos.get_many_plain(actor, cube, [h.id for h in hits[start:start + a.k]])
+            mems.update(page)
+            passing += [h for h in hits[start:start + a.k] if h.id in page and keep(page[h.id])]
+            if len(passing) >= a.k:
+                return passing, mems
+        if len(hits) < want:
             return passing, mems
-        allow = {m.id for m in self.memos.list(actor, cube, status=None) if _searchable(m) and keep(m)}
+        allow = {m.id for m in self.memos.list(actor, cube, status=None) if _searchable(m) and keep(plain(m))}
         hits = index.search(a.query, qvec, a.k, allow=allow)
-        return hits, self.memos.get_many(actor, cube, [h.id for h in hits])
+        return hits, self.memos.get_many_plain(actor, cube, [h.id for h in hits])
 
 
-def _filter(a: p.SearchArgs) -> Callable[[Memory], bool]:
-    statuses = {Status.active, Status.archived} if a.status == "all" else {Status(a.status)}
+def _filter(a: p.SearchArgs) -> Callable[[dict[str, Any]], bool]:
+    """The search's filters, as a test of a memory in plain form."""
+    statuses = {Status.active.value, Status.archived.value} if a.status == "all" else {Status(a.status).value}
     tags = set(a.tags or ())
 
-    def keep(m: Memory) -> bool:
-        return (m.status in statuses
-                and tags.issubset(m.tags)
-                and (a.since is None or m.created_at >= a.since)
-                and (a.until is None or m.created_at < a.until)
-                and all(m.metadata.get(k) == v for k, v in (a.metadata or {}).items()))
+    def keep(m: dict[str, Any]) -> bool:
+        return (m["status"] in statuses
+                and tags.issubset(m["tags"])
+                and (a.since is None or m["created_at"] >= a.since)
+                and (a.until is None or m["created_at"] < a.until)
+                and all(m["metadata"].get(k) == v for k, v in (a.metadata or {}).items()))
 
     return keep
 

@@ -436,11 +436,9 @@ class Memos:
                 if row is None:
                     raise NotFound(f"memory {memory_id} did not exist at version {version}",
                                    cube=found.name, memory=memory_id, version=version)
-            mem = codec.unpack(row[1])
+            mem = _plain_memory(row)
             if mem["status"] == Status.deleted.value and not include_deleted:
                 raise NotFound(f"memory {mem['id']} was deleted", cube=found.name, memory=mem["id"])
-            mem["version"] = row[0]
-            mem["content_hash"] = codec.sha256_hex(row[1])
             mem["usage"] = self._usage_plain(txn, found.name, wanted)
             return mem
 
@@ -450,8 +448,13 @@ class Memos:
 
     def get_many(self, actor: Actor, cube: str, memory_ids: Iterable[str], at: int | None = None) -> dict[str, Memory]:
         """Several memories in one snapshot (missing ones left out); counts no reads."""
+        return {k: Memory.model_validate(v) for k, v in self.get_many_plain(actor, cube, memory_ids, at).items()}
 
-        def fn(txn: lmdb.Transaction) -> dict[str, Memory]:
+    def get_many_plain(self, actor: Actor, cube: str, memory_ids: Iterable[str],
+                       at: int | None = None) -> dict[str, dict[str, Any]]:
+        """``get_many`` as plain data (``Memory.model_dump(mode="json")``), for search results."""
+
+        def fn(txn: lmdb.Transaction) -> dict[str, dict[str, Any]]:
             found = self._require(txn, actor, cube, Role.read, shared=True)
             version = None if at is None else self._version_in(found, at)
             out = {}
@@ -459,7 +462,7 @@ class Memos:
                 row = (self.ledger.head(txn, found.name, check.memory_id(memory_id)) if version is None
                        else self.ledger.state_at(txn, found.name, check.memory_id(memory_id), version))
                 if row is not None:
-                    out[memory_id] = Memory.from_state_bytes(row[1], row[0])
+                    out[memory_id] = _plain_memory(row)
             return out
 
         return self.read(actor, "get_many", cube, fn)
@@ -695,3 +698,13 @@ def _encodable(value: Any) -> Any:
 def _never(txn: lmdb.Transaction) -> Any:
     """The work of a Write that only exists to be audited as failed."""
     raise AssertionError("an audit-only write is never applied")
+
+
+def _plain_memory(row: tuple[int, bytes]) -> dict[str, Any]:
+    """A memory's (version, state bytes) as ``Memory.model_dump(mode="json")`` would give it."""
+    version, state = row
+    mem = codec.unpack(state)
+    mem["version"] = version
+    mem["content_hash"] = codec.sha256_hex(state)
+    mem["usage"] = None
+    return mem

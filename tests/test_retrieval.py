@@ -98,6 +98,37 @@ def test_real_embedder_paraphrase_and_rare_word(embedder):
     assert ix.search(q, embedder([q])[0], 1)[0].id == "f"
 
 
+def test_traced_query_encoder_matches_eager_mode():
+    from memos.plugins.embedders import load
+
+    traced = load("minilm")
+    assert traced._single is not None, "tracing the encoder failed; queries fall back to eager mode"
+    eager = load("minilm", jit=False)
+    texts = ["Did I get a dog recently?", "x", "ünïcode und Sätze 🙂", "a long query " * 80]
+    for text in texts:  # one text: the traced path; same float32 arithmetic
+        np.testing.assert_allclose(traced.embed([text]), eager.embed([text]), atol=1e-5)
+    np.testing.assert_array_equal(traced.embed(texts), eager.embed(texts))  # batches stay eager
+
+
+def test_query_vector_may_arrive_after_the_lexical_scores():
+    rng = np.random.default_rng(3)
+    docs = random_corpus(rng, 80)
+    vecs = unit(rng, len(docs))
+    ix = HybridIndex(DIM)
+    ix.upsert(docs, vecs)
+    qv = unit(rng, 1)[0]
+    asked = []
+
+    def later() -> np.ndarray:
+        asked.append(True)
+        return qv
+
+    assert ix.search("apple banana cherry", later, 7) == ix.search("apple banana cherry", qv, 7)
+    assert asked == [True]
+    with pytest.raises(ValueError, match="dims"):
+        ix.search("apple", lambda: np.ones(DIM + 1, np.float32), 3)
+
+
 def test_bm25_finds_rare_word():
     rng = np.random.default_rng(1)
     docs = random_corpus(rng, 60)

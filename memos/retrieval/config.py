@@ -28,8 +28,11 @@ class RetrievalConfig:
     # 0.86 for M 16 / ef_construction 64, 0.975 for 16/128, 0.994 for 24/128 (bench/search.py).
     hnsw_m: int = 24              # HNSW connectivity ("M")
     hnsw_ef_construction: int = 128
-    hnsw_ef_search: int = 256     # >= candidates
-    hnsw_dtype: str = "f16"       # storage of the ANN copy of the vectors (exact rescoring uses float32)
+    hnsw_ef_search: int = 200     # >= candidates (usearch searches with max(ef, count) anyway)
+    # Storage of the ANN copy of the vectors (candidates are rescored with the float32 ones). At 100k
+    # (bench corpus, M 24 / ef 128, 200 candidates): i8 searches in 1.1 ms and builds in 16 s with
+    # candidate recall@10 0.983; f16 2.3 ms / 33 s / 0.991; f32 3.0 ms / 51 s / 0.987.
+    hnsw_dtype: str = "i8"
     threads: int = 0              # threads for bulk ANN insertion (0 = all cores)
 
     def __post_init__(self) -> None:

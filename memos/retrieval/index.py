@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any, Collection, Iterable, Sequence
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 import numpy as np
 
@@ -75,6 +75,7 @@ class HybridIndex(_ContextualDocuments, _Speakers, _AnnIndex, _Persistence):
         self._grp_pos: list[list[float]] = []   # per group: positions, sorted
         self._grp_rows: list[list[int]] = []    # per group: rows in the same order
         self._ann: Any = None
+        self._sample: tuple[int, np.ndarray] | None = None  # (n, rows) for the dense statistics
 
     # ------------------------------------------------------------------ basics
     def __len__(self) -> int:
@@ -267,16 +268,29 @@ class HybridIndex(_ContextualDocuments, _Speakers, _AnnIndex, _Persistence):
         cos = _matvec(self._vecs[u], q)
         return (cos[inv.reshape(nb.shape)] * self._nbw[rows]).sum(1)
 
-    def search(self, query: str, query_vec: np.ndarray, k: int, allow: Collection[str] | None = None,
-               exact: bool | None = None) -> list[Hit]:
-        """Top-k hits, best first. allow: restrict to these ids (scored exactly). exact: force exact
-        (True) or candidate (False) scoring; default exact below config.ann_threshold docs."""
-        q = np.asarray(query_vec, dtype=np.float32).reshape(-1)
+    def _stats_sample(self, n: int) -> np.ndarray:
+        S = self.config.stats_sample
+        if n <= S:
+            return np.arange(n)
+        cached = self._sample  # a new Generator per query cost ~0.1 ms
+        if cached is None or cached[0] != n:
+            cached = self._sample = (n, np.random.default_rng(n).integers(0, n, S))
+        return cached[1]
+
+    def _query_vector(self, query_vec: np.ndarray | Callable[[], np.ndarray]) -> np.ndarray:
+        q = np.asarray(query_vec() if callable(query_vec) else query_vec, dtype=np.float32).reshape(-1)
         if q.shape[0] != self.dim:
             raise ValueError(f"query_vec must have {self.dim} dims")
         nq = float(np.linalg.norm(q))
-        if nq > 0:
-            q = q / nq
+        return q / nq if nq > 0 else q
+
+    def search(self, query: str, query_vec: np.ndarray | Callable[[], np.ndarray], k: int,
+               allow: Collection[str] | None = None, exact: bool | None = None) -> list[Hit]:
+        """Top-k hits, best first. allow: restrict to these ids (scored exactly). exact: force exact
+        (True) or candidate (False) scoring; default exact below config.ann_threshold docs.
+
+        query_vec may be a callable (e.g. waiting on an embedding still being computed): it is
+        called once the lexical scores are done, so both can run at the same time."""
         if k <= 0:
             return []
         cfg = self.config
@@ -296,6 +310,10 @@ class HybridIndex(_ContextualDocuments, _Speakers, _AnnIndex, _Persistence):
                 allow_rows = np.array(sorted({self._row[a] for a in allow if a in self._row}), np.int64)
                 if not len(allow_rows):
                     return []
+            lexical_rows = None
+            if not exact and allow_rows is None and touched:
+                lexical_rows = self._lexical_candidates(lex, touched, max(cfg.lexical_candidates, k))
+            q = self._query_vector(query_vec)
             if exact:
                 cos = _matvec(self._vecs[:n], q)
                 dense_all = (cos[self._nb[:n]] * self._nbw[:n]).sum(1)
@@ -305,8 +323,7 @@ class HybridIndex(_ContextualDocuments, _Speakers, _AnnIndex, _Persistence):
                 dense = dense_all[rows] if allow_rows is not None else dense_all
             else:
                 # dense statistics: deterministic random sample of rows (all rows when few)
-                S = cfg.stats_sample
-                sample = np.arange(n) if n <= S else np.random.default_rng(n).integers(0, n, S)
+                sample = self._stats_sample(n)
                 if allow_rows is not None:
                     rows = allow_rows
                 else:
@@ -315,8 +332,8 @@ class HybridIndex(_ContextualDocuments, _Speakers, _AnnIndex, _Persistence):
                     # a doc whose neighbour is close to the query gets a high smoothed score:
                     # the window around each dense candidate is a candidate too
                     parts = [self._nb[ann_rows].ravel().astype(np.int64)]
-                    if touched:
-                        parts.append(self._lexical_candidates(lex, touched, max(cfg.lexical_candidates, k)))
+                    if lexical_rows is not None:
+                        parts.append(lexical_rows)
                     rows = np.unique(np.concatenate(parts))
                 both = np.concatenate([rows, sample])
                 sm = self._smoothed_cos(both, q)
