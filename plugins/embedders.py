@@ -9,6 +9,7 @@ different identities are never compared.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import logging
@@ -50,8 +51,9 @@ class MiniLM(Embedder):
     of five. With ``backend="onnx"`` (the default) the encoder is exported
     from those same weights to ONNX Runtime at load: the same float32
     arithmetic (checked against torch at load, within 1e-5), about twice as
-    fast for a search query on one core and 25% faster for batches. Without
-    onnxruntime, or if the export does not match, torch runs it.
+    fast for a search query and 25% faster for batches, and it does not stall
+    when the other cores are busy. Without onnxruntime, or if the export does
+    not match, torch runs it.
     """
 
     name = "minilm"
@@ -80,12 +82,14 @@ class MiniLM(Embedder):
         digest.update(str(weights.stat().st_size).encode())
         # The backend is not part of the identity: both compute the same vectors.
         self.identity = f"minilm-l6-v2:{digest.hexdigest()[:16]}:mean:{max_tokens}"
-        self._lock = threading.Lock()  # one forward at a time: each already uses every core it should
-        # (one-thread session for a few texts, all-core session for batches), or None: torch
-        self._sessions = self._onnx_sessions() if backend == "onnx" else None
-        self.backend = "onnx" if self._sessions else "torch"
+        self._lock = threading.Lock()  # one forward at a time: each already uses every core
+        self._session = self._onnx_session() if backend == "onnx" else None
+        self.backend = "onnx" if self._session is not None else "torch"
+        if self._session is not None:
+            del self.model  # the session holds its own copy of the weights
+            gc.collect()  # the export leaves ~90 MB in reference cycles
 
-    def _onnx_sessions(self) -> tuple[Any, Any] | None:
+    def _onnx_session(self) -> Any:
         try:
             import onnxruntime as ort
         except ImportError:
@@ -104,24 +108,20 @@ class MiniLM(Embedder):
                     opset_version=17, dynamo=False,
                 )
 
-            def session(threads: int) -> Any:
-                options = ort.SessionOptions()
-                options.intra_op_num_threads = threads
-                options.inter_op_num_threads = 1
-                options.log_severity_level = 3
-                # Spinning workers burn the cores other threads and processes need.
-                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                return ort.InferenceSession(graph.getvalue(), options, providers=["CPUExecutionProvider"])
-
-            sessions = (session(1), session(self.threads))
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+            options.log_severity_level = 3
+            # Workers that sleep instead of spinning: a query keeps its speed when the other
+            # cores are busy (torch's spinning workers slowed it down tenfold).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            session = ort.InferenceSession(graph.getvalue(), options, providers=["CPUExecutionProvider"])
             texts = ["Did I get a dog recently?", "x", "a much longer probe sentence " * 20]
             for group in ([texts[0]], [texts[2]], texts):  # single texts, and a padded batch
-                want = self._run_torch(group)
-                for sess in sessions:
-                    if not np.allclose(self._run_onnx(sess, group), want, atol=1e-5):
-                        log.warning("ONNX export of MiniLM differs from torch; MiniLM runs on torch")
-                        return None
-            return sessions
+                if not np.allclose(self._run_onnx(session, group), self._run_torch(group), atol=1e-5):
+                    log.warning("ONNX export of MiniLM differs from torch; MiniLM runs on torch")
+                    return None
+            return session
         except Exception as exc:  # an unsupported torch/onnxruntime build: torch still works
             log.warning("cannot run MiniLM on onnxruntime (%s: %s); it runs on torch", type(exc).__name__, exc)
             return None
@@ -153,18 +153,16 @@ class MiniLM(Embedder):
             return out
         # Sorting by length keeps padding (wasted work) small inside each batch.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        # A query or two runs on one thread: with every core busy (the daemon's own threads,
-        # other processes) torch's spinning workers made one query take 700 ms instead of
-        # 19 ms. Batches are worth the parallelism (about 2x on two cores).
-        few = len(texts) <= 4
         with self._lock:
-            if self._sessions is None:
-                self._torch.set_num_threads(1 if few else self.threads)
+            if self._session is None:
+                # On torch a query or two runs on one thread: with every core busy, its
+                # spinning workers made one query take 700 ms instead of 19 ms.
+                self._torch.set_num_threads(1 if len(texts) <= 4 else self.threads)
             for start in range(0, len(order), self.batch_size):
                 rows = order[start:start + self.batch_size]
                 chunk = [texts[i] for i in rows]
-                out[rows] = (self._run_torch(chunk) if self._sessions is None
-                             else self._run_onnx(self._sessions[0 if few else 1], chunk))
+                out[rows] = (self._run_torch(chunk) if self._session is None
+                             else self._run_onnx(self._session, chunk))
         return out
 
 

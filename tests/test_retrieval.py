@@ -106,7 +106,7 @@ def test_onnx_backend_matches_torch():
     eager = load("minilm", backend="torch")
     assert eager.backend == "torch" and onnx.identity == eager.identity
     texts = ["Did I get a dog recently?", "x", "ünïcode und Sätze 🙂", "a long query " * 300]
-    for text in texts:  # one text: the one-thread session
+    for text in texts:
         np.testing.assert_allclose(onnx.embed([text]), eager.embed([text]), atol=1e-5)
     np.testing.assert_allclose(onnx.embed(texts * 3), eager.embed(texts * 3), atol=1e-5)  # padded batches
 
