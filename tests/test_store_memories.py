@@ -9,9 +9,9 @@ import pytest
 
 from conftest import ALICE, BOB
 from memos.api import Memos, NewMemory
-from memos.errors import Conflict, InvalidRequest, NotFound
+from memos.errors import Conflict, Denied, InvalidRequest, NotFound
 from memos.ids import is_id
-from memos.models import MemoryType, SourceRef, Status
+from memos.models import Memory, MemoryType, SourceRef, Status
 
 
 # -- memories ----------------------------------------------------------------
@@ -253,3 +253,38 @@ def test_usage_flush_and_reopen(store_dir):
         assert m.get(ALICE, "c", mem.id).usage.reads == 4
     finally:
         m.close()
+
+
+def test_plain_reads_are_the_models_json_form(memos, cube):
+    """The daemon answers get and search from plain data: it must equal Memory.model_dump(mode="json")."""
+    src = memos.add(ALICE, cube, "a source")
+    mem = memos.add(ALICE, cube, "with everything", tags=["t"], metadata={"k": [1, {"x": None}]},
+                    blob=b"\x00\x01", media_type="application/x-kv", sources=[{"memory_id": src.id, "version": 1}],
+                    policy="fuse")
+    memos.get(ALICE, cube, mem.id)  # one read pending in the usage buffer
+    plain = memos.get_plain(ALICE, cube, mem.id)
+    assert Memory.model_validate(plain).model_dump(mode="json") == plain
+    model = memos.get(ALICE, cube, mem.id).model_dump(mode="json")
+    assert {**model, "usage": None} == {**plain, "usage": None}
+    assert plain["usage"]["reads"] == 1 and model["usage"]["reads"] == 2
+    assert plain["content_hash"] == mem.content_hash
+    many = memos.get_many_plain(ALICE, cube, [mem.id, src.id, "01ARZ3NDEKTSV4RRFFQ69G5FAV"])
+    assert set(many) == {mem.id, src.id}
+    assert many[mem.id] == {**plain, "usage": None}
+    updated = memos.update(ALICE, cube, mem.id, text="changed")
+    assert memos.get_plain(ALICE, cube, mem.id, at=mem.version)["text"] == "with everything"
+    assert memos.get_many_plain(ALICE, cube, [mem.id])[mem.id]["version"] == updated.version
+
+
+def test_reads_see_every_grant_and_revoke_at_once(memos, cube):
+    """Readers share decoded cube records by their bytes; a changed ACL is a different record."""
+    mem = memos.add(ALICE, cube, "private")
+    for _ in range(3):
+        with pytest.raises(Denied):
+            memos.get_plain(BOB, cube, mem.id)
+        memos.grant(ALICE, cube, BOB.name, "read")
+        assert memos.get_plain(BOB, cube, mem.id)["text"] == "private"
+        assert memos.get_many_plain(BOB, cube, [mem.id])
+        memos.grant(ALICE, cube, BOB.name, None)
+    # a write path's cube object is its own: changing it does not leak into readers
+    assert BOB.name not in memos.get_cube(ALICE, cube).acl

@@ -1,0 +1,95 @@
+"""The blocking client's timeouts: resend with the same id, drop late replies, keep the full timeout.
+
+The peer is a bare ROUTER socket scripted reply by reply, so each timing case is exact.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+
+from memos import protocol as p
+from memos.client import Client
+from memos.errors import Timeout
+
+
+class Peer:
+    """A ROUTER that hands each request to ``script`` (runs in a thread)."""
+
+    def __init__(self, path: Path, script) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(f"ipc://{path}")
+        self.ids: list[str] = []
+        self.thread = threading.Thread(target=script, args=(self,), daemon=True)
+        self.thread.start()
+
+    def request(self) -> tuple[bytes, dict]:
+        identity, frame = self.sock.recv_multipart()
+        message = msgpack.unpackb(frame)
+        self.ids.append(message["id"])
+        return identity, message
+
+    def reply(self, identity: bytes, rid: str, result) -> None:
+        self.sock.send_multipart([identity, p.encode(p.ok_reply(rid, result))])
+
+    def close(self) -> None:
+        self.thread.join(10)
+        self.sock.close()
+
+
+def test_resends_with_the_same_id_and_drops_replies_to_other_requests(tmp_path):
+    def script(peer: Peer) -> None:
+        peer.request()  # first try: no answer, so the client times out and resends
+        identity, message = peer.request()
+        peer.reply(identity, "an-abandoned-request", {"pong": "stale"})  # must be ignored
+        peer.reply(identity, message["id"], {"pong": True})
+
+    peer = Peer(tmp_path / "s.sock", script)
+    client = Client(tmp_path / "s.sock", timeout=0.3, retries=1)
+    try:
+        assert client.ping() == {"pong": True}
+    finally:
+        client.close()
+        peer.close()
+    assert len(peer.ids) == 2 and peer.ids[0] == peer.ids[1]
+
+
+def test_each_request_gets_the_whole_timeout_after_a_shortened_wait(tmp_path):
+    def script(peer: Peer) -> None:
+        identity, message = peer.request()
+        peer.reply(identity, "an-abandoned-request", None)  # shortens what is left of this wait
+        peer.reply(identity, message["id"], 1)
+        identity, message = peer.request()
+        time.sleep(0.35)  # most of the next request's 0.5 s timeout
+        peer.reply(identity, message["id"], 2)
+
+    peer = Peer(tmp_path / "s.sock", script)
+    client = Client(tmp_path / "s.sock", timeout=0.5, retries=0)
+    try:
+        assert client.request("ping") == 1
+        assert client.request("ping") == 2
+    finally:
+        client.close()
+        peer.close()
+
+
+def test_gives_up_after_every_try(tmp_path):
+    def script(peer: Peer) -> None:
+        for _ in range(3):
+            peer.request()
+
+    peer = Peer(tmp_path / "s.sock", script)
+    client = Client(tmp_path / "s.sock", timeout=0.1, retries=2)
+    try:
+        with pytest.raises(Timeout, match="3 tries"):
+            client.ping()
+    finally:
+        client.close()
+        peer.close()
+    assert len(set(peer.ids)) == 1 and len(peer.ids) == 3
