@@ -252,7 +252,7 @@ class Server:
         """The writer's replies of one commit: one message to the main thread, not one each."""
         frames: list[bytes] = []
         for reply, message in replies:
-            if isinstance(reply, _Queued) and reply.server is self:
+            if isinstance(reply, _Queued):
                 frames += (reply.identity, p.encode(message))
             else:
                 reply(message)
