@@ -38,6 +38,26 @@ def default_socket() -> Path:
     return load().daemon.socket_path()
 
 
+class _RequestIds:
+    """Request ids: a random prefix per process and one counter for all its clients.
+
+    Unique without a syscall per request. The daemon keys retries by agent and
+    request id, so a forked child must not repeat its parent's ids: it draws a
+    new prefix.
+    """
+
+    def __init__(self) -> None:
+        self.renew()
+
+    def renew(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.counter = itertools.count(1)
+
+
+_rids = _RequestIds()
+os.register_at_fork(after_in_child=_rids.renew)
+
+
 class AsyncClient:
     """Talk to memosd from asyncio code."""
 
@@ -50,10 +70,6 @@ class AsyncClient:
         self.timeout = timeout
         self.retries = retries
         self.max_message_bytes = max_message_bytes
-        # Request ids: a random prefix per client and a counter, unique without a
-        # syscall per request (the daemon keys retries by agent and request id).
-        self._rid_prefix = os.urandom(8).hex()
-        self._rid_counter = itertools.count(1)
         self._ctx = zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -90,7 +106,7 @@ class AsyncClient:
         spec = p.OPS.get(op)
         if spec is None:
             raise InvalidRequest(f"unknown operation {op!r}")
-        rid = f"{self._rid_prefix}{next(self._rid_counter):x}"
+        rid = f"{_rids.prefix}{next(_rids.counter):x}"
         # None means "not given", except for a required field whose value may be
         # null (cube_grant's role: null revokes), which must be sent as such.
         required = spec.required

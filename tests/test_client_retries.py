@@ -5,6 +5,7 @@ The peer is a bare ROUTER socket scripted reply by reply, so each timing case is
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -93,3 +94,23 @@ def test_gives_up_after_every_try(tmp_path):
         client.close()
         peer.close()
     assert len(set(peer.ids)) == 1 and len(peer.ids) == 3
+
+
+def test_request_ids_are_unique_across_clients_and_forked_children(tmp_path):
+    one, two = Client(tmp_path / "a.sock"), Client(tmp_path / "b.sock")
+    ids = [c._frame("ping", {})[0] for c in (one, two, one, two)]
+    assert len(set(ids)) == 4
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: what would its next id be?
+        os.write(write_end, one._frame("ping", {})[0].encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child_id = os.read(read_end, 100).decode()
+    os.close(read_end)
+    os.close(write_end)
+    parent_id = one._frame("ping", {})[0]
+    # Without a new prefix the child would repeat an id its parent has sent or will send next.
+    assert child_id not in [*ids, parent_id]
+    assert child_id[:16] != parent_id[:16]
