@@ -21,6 +21,7 @@ import logging
 import queue
 import shutil
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -33,12 +34,16 @@ from memos import protocol as p
 from memos.api import LOCAL_ADMIN, Actor, Memos, Write
 from memos.config import SearchSettings
 from memos.errors import InternalError, InvalidRequest, MemosError, ModelMismatch, Unavailable
-from memos.models import Memory, MemoryType, Status, plain
+from memos.models import Cube, Memory, MemoryType, Status, plain
 from memos.retrieval import Doc, HybridIndex, RetrievalConfig, doc_for, key_text
 
 log = logging.getLogger("memosd.search")
 
 _MANIFEST = "manifest.json"
+# Indexes of past versions kept for the queries that follow the first: at most this many, holding
+# at most this many memories together (~5 kB each in an exact index, plus the records).
+_PAST_INDEXES = 4
+_PAST_DOCS = 50_000
 
 
 def _searchable(mem: Memory) -> bool:
@@ -65,6 +70,7 @@ class SearchService:
         self._versions: dict[str, int] = {}
         self._ready: dict[str, threading.Event] = {}
         self._pending: dict[str, list[tuple[int, list[str]]]] = {}
+        self._past: OrderedDict[tuple[Any, ...], tuple[HybridIndex, dict[str, dict[str, Any]]]] = OrderedDict()
         self._lock = threading.Lock()
         self._db = memos.store.db["vectors"]
         self._queue: queue.Queue[Any] = queue.Queue()
@@ -470,12 +476,7 @@ class SearchService:
 
         keep = _filter(a)
         if a.at is not None:
-            found = [m for m in self.memos.list(actor, cube.name, at=a.at, status=None) if _searchable(m)]
-            index = HybridIndex(self.embedder.dim, self._config())
-            docs = [_doc(m) for m in found]
-            if docs:
-                index.upsert(docs, self._vectors_for([d.key for d in docs]))
-            mems = {m.id: plain(m) for m in found}
+            index, mems = self._past_version(actor, cube, a.at)
             allow = {i for i, m in mems.items() if keep(m)}
             hits = index.search(a.query, qvec, a.k, allow=allow)
         else:
@@ -486,6 +487,35 @@ class SearchService:
                     "lexical": h.lexical, "dense": h.dense} for h in hits if h.id in mems][: a.k]
         self.memos.record_reads(cube.name, [r["memory"]["id"] for r in results])
         return results
+
+    def _past_version(self, actor: Actor, cube: Cube, at: int) -> tuple[HybridIndex, dict[str, dict[str, Any]]]:
+        """An index of the cube's searchable memories as they were at version ``at``, and those memories.
+
+        Built from the store on first use, which is O(n). A past version never
+        changes, so the last few are kept: whoever searches one past state
+        usually asks more than one question of it. The key names the cube's
+        incarnation (a cube re-created under the same name is another cube) and
+        the embedder (its vectors are the index's).
+        """
+        key = (cube.name, cube.created_at, at, self.embedder.identity)
+        with self._lock:
+            cached = self._past.get(key)
+            if cached is not None:
+                self._past.move_to_end(key)
+                return cached
+        found = [m for m in self.memos.list(actor, cube.name, at=at, status=None) if _searchable(m)]
+        # Every query of a past version is scored exactly (it passes ``allow``): no HNSW graph to build.
+        index = HybridIndex(self.embedder.dim, RetrievalConfig(ann_threshold=1 << 62))
+        docs = [_doc(m) for m in found]
+        if docs:
+            index.upsert(docs, self._vectors_for([d.key for d in docs]))
+        built = (index, {m.id: plain(m) for m in found})
+        if len(docs) <= _PAST_DOCS:
+            with self._lock:
+                self._past[key] = built
+                while len(self._past) > _PAST_INDEXES or sum(len(i) for i, _ in self._past.values()) > _PAST_DOCS:
+                    self._past.popitem(last=False)
+        return built
 
     def _filtered(self, actor: Actor, cube: str, index: HybridIndex, a: p.SearchArgs,
                   qvec: Callable[[], np.ndarray],

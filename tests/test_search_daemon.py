@@ -103,7 +103,7 @@ def test_filters(facts):
 def test_search_at_past_version_after_update_and_rollback(searchd):
     c = searchd.client(timeout=60)
     c.cube_create("history")
-    m = c.add("history", "The launch is planned for March")
+    m = c.add("history", "The launch is planned for March", tags=["plan"])
     v1 = m.version
     c.update("history", m.id, "The launch slipped to September")
     assert top(c, "history", "when is the launch?", k=1) == ["The launch slipped to September"]
@@ -112,6 +112,32 @@ def test_search_at_past_version_after_update_and_rollback(searchd):
     assert top(c, "history", "when is the launch?", k=1) == ["The launch is planned for March"]
     with pytest.raises(NotFound):
         c.search("history", "launch", at=999)
+
+
+def test_repeated_searches_of_a_past_version(searchd):
+    """Later queries of a version (its index is kept) see that version, filtered and access-checked each time."""
+    c = searchd.client(timeout=60)
+    c.cube_create("kept")
+    first = c.add("kept", "The office moves to Lisbon in spring", tags=["office"])
+    lunch = c.add("kept", "Lunch is served at noon in the canteen", tags=["food"])
+    v1 = lunch.version
+    assert top(c, "kept", "where is the office moving?", k=1, at=v1) == [first.text]
+    c.update("kept", first.id, "The office move to Lisbon is cancelled")
+    c.add("kept", "The office gets a new coffee machine", tags=["office"])
+    v3 = c.cube_get("kept").version
+    for _ in range(2):
+        assert top(c, "kept", "where is the office moving?", k=1, at=v1) == [first.text]
+        assert set(top(c, "kept", "office", at=v1)) == {first.text, lunch.text}  # not the later changes
+        assert top(c, "kept", "office", at=v1, tags=["food"]) == [lunch.text]
+        assert top(c, "kept", "office", at=v1, tags=["nothing"]) == []
+        assert top(c, "kept", "office", at=v1, status="archived") == []
+    assert set(top(c, "kept", "office", at=v3)) == {
+        "The office move to Lisbon is cancelled", lunch.text, "The office gets a new coffee machine"}
+    c.rollback("kept", v1)
+    assert set(top(c, "kept", "office", at=v1)) == {first.text, lunch.text}
+    token = c.agent_add("stranger")["token"]
+    with pytest.raises(Denied):
+        searchd.client(token=token).search("kept", "office", at=v1)
 
 
 def test_empty_huge_and_unicode_queries(facts):
