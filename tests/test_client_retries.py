@@ -6,6 +6,8 @@ The peer is a bare ROUTER socket scripted reply by reply, so each timing case is
 from __future__ import annotations
 
 import os
+import select
+import signal
 import threading
 import time
 from pathlib import Path
@@ -104,12 +106,21 @@ def test_request_ids_are_unique_across_clients_and_forked_children(tmp_path):
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: what would its next id be?
-        os.write(write_end, one._frame("ping", {})[0].encode())
-        os._exit(0)
-    os.waitpid(pid, 0)
-    child_id = os.read(read_end, 100).decode()
-    os.close(read_end)
-    os.close(write_end)
+        try:
+            os.write(write_end, one._frame("ping", {})[0].encode())
+        finally:
+            os._exit(0)
+    ready: list[int] = []
+    try:
+        ready, _, _ = select.select([read_end], [], [], 30)
+        assert ready, "the forked child did not answer"
+        child_id = os.read(read_end, 100).decode()
+    finally:
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read_end)
+        os.close(write_end)
     parent_id = one._frame("ping", {})[0]
     # Without a new prefix the child would repeat an id its parent has sent or will send next.
     assert child_id not in [*ids, parent_id]
