@@ -493,11 +493,10 @@ class SearchService:
 
         Built from the store on first use, which is O(n). A past version never
         changes, so the last few are kept: whoever searches one past state
-        usually asks more than one question of it. The key names the cube's
-        incarnation (a cube re-created under the same name is another cube) and
-        the embedder (its vectors are the index's).
+        usually asks more than one question of it. The key names the embedder
+        too: its vectors are the index's.
         """
-        key = (cube.name, cube.created_at, at, self.embedder.identity)
+        key = (cube.name, at, self.embedder.identity)
         with self._lock:
             cached = self._past.get(key)
             if cached is not None:

@@ -103,7 +103,7 @@ def test_filters(facts):
 def test_search_at_past_version_after_update_and_rollback(searchd):
     c = searchd.client(timeout=60)
     c.cube_create("history")
-    m = c.add("history", "The launch is planned for March", tags=["plan"])
+    m = c.add("history", "The launch is planned for March")
     v1 = m.version
     c.update("history", m.id, "The launch slipped to September")
     assert top(c, "history", "when is the launch?", k=1) == ["The launch slipped to September"]
