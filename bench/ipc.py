@@ -6,7 +6,13 @@ Measures, each with 1 and with C concurrent client processes:
   server in another process): the floor;
 * memosd ``get`` through the blocking client library (p50, p99, ops/s);
 * durable ``add`` throughput with group commit, against the same daemon
-  started with ``max_group = 1`` (one commit per request).
+  started with ``max_group = 1`` (one commit per request);
+* the same comparison without memos: a minimal one-thread pyzmq ROUTER that
+  puts each request into LMDB, either everything that arrived since its last
+  commit in one commit or one commit per request. It writes one record per
+  request, or seven in seven sub-databases as memosd's add does (state,
+  head, commit, cube, audit record, audit head, stored reply). That is how
+  much a group commit can gain on this machine's fsync at all.
 
 Usage: python bench/ipc.py [--n 2000] [--clients 8]
 """
@@ -41,6 +47,35 @@ while True:
 """
 
 
+# A durable-write server with nothing but ZeroMQ and LMDB: the floor for ``add``.
+# argv: endpoint, LMDB folder, "group" or "single", records per request.
+RAW_WRITE_SERVER = """
+import sys, lmdb, zmq
+endpoint, path, mode, records = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+env = lmdb.open(path, map_size=1 << 30, max_dbs=records)
+dbs = [env.open_db(b"db%d" % i) for i in range(records)]
+s = zmq.Context().socket(zmq.ROUTER)
+s.bind(endpoint)
+print("ready", flush=True)
+most = 1 if mode == "single" else 64
+key = 0
+while True:
+    batch = [s.recv_multipart()]  # wait for one, then take what else has arrived
+    while len(batch) < most:
+        try:
+            batch.append(s.recv_multipart(zmq.NOBLOCK))
+        except zmq.Again:
+            break
+    with env.begin(write=True) as txn:  # sync=True: durable when the block ends
+        for _, frame in batch:
+            key += 1
+            for db in dbs:
+                txn.put(key.to_bytes(8, "big"), frame, db=db)
+    for request in batch:
+        s.send_multipart(request)
+"""
+
+
 def _percentiles(samples: list[float]) -> tuple[float, float]:
     samples = sorted(samples)
     return statistics.median(samples) * 1e6, samples[int(len(samples) * 0.99) - 1] * 1e6
@@ -61,6 +96,24 @@ def raw_client(endpoint: str, n: int, barrier, out) -> None:
     barrier.wait()
     lat = []
     for _ in range(n):
+        t = time.perf_counter()
+        sock.send(frame)
+        sock.recv()
+        lat.append(time.perf_counter() - t)
+    out.put(lat)
+
+
+def raw_add_client(endpoint: str, n: int, barrier, out) -> None:
+    import msgpack
+    import zmq
+
+    sock = zmq.Context().socket(zmq.DEALER)
+    sock.connect(endpoint)
+    barrier.wait()
+    lat = []
+    for i in range(n):
+        frame = msgpack.packb({**PAYLOAD, "op": "add", "id": f"{os.getpid()}-{i}",
+                               "args": {"cube": "bench", "text": f"memory {i}: " + "x" * 100}})
         t = time.perf_counter()
         sock.send(frame)
         sock.recv()
@@ -120,8 +173,8 @@ def add_async_clients(socket: str, n: int, tasks: int, barrier, out) -> None:
     out.put(asyncio.run(run()))
 
 
-def run_clients(target, args: tuple, clients: int) -> tuple[float, float, float]:
-    """Start ``clients`` processes together; return p50 us, p99 us, total ops/s."""
+def run_clients(target, args: tuple, clients: int) -> tuple[list[float], float]:
+    """Start ``clients`` processes together; return every latency (s) and the wall time (s)."""
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(clients + 1), ctx.Queue()
     procs = [ctx.Process(target=target, args=(*args, barrier, out)) for _ in range(clients)]
@@ -135,8 +188,7 @@ def run_clients(target, args: tuple, clients: int) -> tuple[float, float, float]
     wall = time.perf_counter() - start
     for p in procs:
         p.join()
-    p50, p99 = _percentiles(lat)
-    return p50, p99, len(lat) / wall
+    return lat, wall
 
 
 # -- servers ----------------------------------------------------------------------
@@ -154,62 +206,100 @@ class Daemon:
         self.proc.wait(30)
 
 
+class Raw:
+    """A raw server in a subprocess (``script`` gets the endpoint first, then ``argv``)."""
+
+    def __init__(self, script: str, endpoint: str, *argv: str) -> None:
+        self.endpoint = endpoint
+        self.proc = subprocess.Popen([sys.executable, "-c", script, endpoint, *argv], stdout=subprocess.PIPE)
+        self.proc.stdout.readline()
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=2000, help="requests per client")
+    parser.add_argument("--n", type=int, default=2000, help="get requests per client (adds: a quarter)")
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="every measure runs once per round, in turn, so that a noisy minute "
+                             "hits a figure and its baseline alike")
     parser.add_argument("--embedder", default="none",
                         help="the daemon's embedder; the default 'none' (search off) isolates the IPC and store path")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="memos-bench-", dir="/tmp"))
     os.chmod(tmp, 0o700)
-    rows: list[tuple[str, float, float, float]] = []
-
-    echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, f"ipc://{tmp}/echo.sock"], stdout=subprocess.PIPE)
-    echo.stdout.readline()
-    for c in (1, args.clients):
-        rows.append((f"raw pyzmq round trip, {c} client(s)", *run_clients(raw_client, (f"ipc://{tmp}/echo.sock", args.n), c)))
-    echo.kill()
+    c, gets, adds = args.clients, max(args.n // args.rounds, 50), max(args.n // 4 // args.rounds, 50)
 
     os.environ["MEMOS_SEARCH__EMBEDDER"] = args.embedder
+    echo = Raw(ECHO_SERVER, f"ipc://{tmp}/echo.sock")
     grouped = Daemon(tmp / "grouped")
-    grouped.client.cube_create("bench")
-    memory = grouped.client.add("bench", "a memory to read back " + "x" * 100)
-    for c in (1, args.clients):
-        rows.append((f"memosd get, {c} client(s)", *run_clients(get_client, (grouped.socket, memory.id, args.n), c)))
-    adds = max(args.n // 4, 50)
-    rows.append((f"memosd add, group commit, {args.clients} clients",
-                 *run_clients(add_client, (grouped.socket, adds), args.clients)))
-    rows.append(("memosd add, group commit, 1 client", *run_clients(add_client, (grouped.socket, adds), 1)))
-    rows.append((f"memosd add, group commit, {args.clients} async clients in 1 process",
-                 *run_clients(add_async_clients, (grouped.socket, adds, args.clients), 1)))
-    grouped.stop()
-
     single = Daemon(tmp / "single", MEMOS_DAEMON__MAX_GROUP="1")
-    single.client.cube_create("bench")
-    rows.append((f"memosd add, one commit per request, {args.clients} clients",
-                 *run_clients(add_client, (single.socket, adds), args.clients)))
-    rows.append((f"memosd add, one commit per request, {args.clients} async clients in 1 process",
-                 *run_clients(add_async_clients, (single.socket, adds, args.clients), 1)))
+    for daemon in (grouped, single):
+        daemon.client.cube_create("bench")
+    memory = grouped.client.add("bench", "a memory to read back " + "x" * 100)
+    raw_writers = {(mode, records): Raw(RAW_WRITE_SERVER, f"ipc://{tmp}/raw-{mode}-{records}.sock",
+                                        str(tmp / f"raw-{mode}-{records}"), mode, str(records))
+                   for records in (1, 7) for mode in ("group", "single")}
+
+    measures = [
+        ("raw pyzmq round trip, 1 client (the floor)", raw_client, (echo.endpoint, gets), 1),
+        ("memosd get, 1 client", get_client, (grouped.socket, memory.id, gets), 1),
+        (f"raw pyzmq round trip, {c} clients", raw_client, (echo.endpoint, gets), c),
+        (f"memosd get, {c} clients", get_client, (grouped.socket, memory.id, gets), c),
+        (f"memosd add, group commit, {c} clients", add_client, (grouped.socket, adds), c),
+        (f"memosd add, one commit per request, {c} clients", add_client, (single.socket, adds), c),
+        ("memosd add, group commit, 1 client", add_client, (grouped.socket, adds), 1),
+        (f"memosd add, group commit, {c} async clients in 1 process",
+         add_async_clients, (grouped.socket, adds, c), 1),
+        (f"memosd add, one commit per request, {c} async clients in 1 process",
+         add_async_clients, (single.socket, adds, c), 1),
+    ]
+    for (mode, records), server in raw_writers.items():
+        label = "group commit" if mode == "group" else "one commit per request"
+        measures.append((f"raw pyzmq+LMDB add, {label}, {records} record(s), {c} clients",
+                         raw_add_client, (server.endpoint, adds), c))
+
+    runs: dict[str, list[tuple[list[float], float]]] = {name: [] for name, *_ in measures}
+    for _ in range(args.rounds):
+        for name, target, targs, clients in measures:
+            runs[name].append(run_clients(target, targs, clients))
+    for server in (echo, *raw_writers.values()):
+        server.stop()
+    grouped.stop()
     single.stop()
 
+    def p50(name: str, i: int | None = None) -> float:
+        return statistics.median(runs[name][i][0] if i is not None else [x for lat, _ in runs[name] for x in lat])
+
+    def ops(name: str, i: int | None = None) -> float:
+        picked = [runs[name][i]] if i is not None else runs[name]
+        return sum(len(lat) for lat, _ in picked) / sum(wall for _, wall in picked)
+
+    def ratio(label: str, top: str, bottom: str, of, target: str = "") -> None:
+        rounds = ", ".join(f"{of(top, i) / of(bottom, i):.2f}" for i in range(args.rounds))
+        print(f"{label}: {of(top) / of(bottom):.2f}x  (rounds: {rounds}){target}")
+
     print(f"# bench/ipc.py  {time.strftime('%Y-%m-%d %H:%M')}  {platform.machine()} cpus={os.cpu_count()} "
-          f"python={platform.python_version()}  n={args.n} clients={args.clients} embedder={args.embedder}")
-    print(f"{'measure':<52} {'p50 us':>9} {'p99 us':>9} {'ops/s':>9}")
-    for name, p50, p99, ops in rows:
-        print(f"{name:<52} {p50:9.0f} {p99:9.0f} {ops:9.0f}")
-    by = {name: (p50, ops) for name, p50, _, ops in rows}
-    raw1 = by["raw pyzmq round trip, 1 client(s)"][0]
-    get1 = by["memosd get, 1 client(s)"][0]
-    grouped_ops = by[f"memosd add, group commit, {args.clients} clients"][1]
-    single_ops = by[f"memosd add, one commit per request, {args.clients} clients"][1]
-    print(f"get p50 / raw round trip p50 (1 client): {get1 / raw1:.2f}x  (target <= 2x)")
-    print(f"add ops/s group commit / one commit per request ({args.clients} client processes): "
-          f"{grouped_ops / single_ops:.2f}x  (target >= 3x)")
-    grouped_async = by[f"memosd add, group commit, {args.clients} async clients in 1 process"][1]
-    single_async = by[f"memosd add, one commit per request, {args.clients} async clients in 1 process"][1]
-    print(f"add ops/s group commit / one commit per request ({args.clients} async clients): "
-          f"{grouped_async / single_async:.2f}x")
+          f"python={platform.python_version()}  n={args.n} clients={c} rounds={args.rounds} embedder={args.embedder}")
+    print(f"{'measure':<64} {'p50 us':>9} {'p99 us':>9} {'ops/s':>9}")
+    for name, *_ in measures:
+        _, p99 = _percentiles([x for lat, _ in runs[name] for x in lat])
+        print(f"{name:<64} {p50(name) * 1e6:9.0f} {p99:9.0f} {ops(name):9.0f}")
+    ratio("get p50 / raw round trip p50 (1 client)", "memosd get, 1 client",
+          "raw pyzmq round trip, 1 client (the floor)", p50, "  target <= 2x")
+    ratio(f"add ops/s, group commit / one commit per request ({c} client processes)",
+          f"memosd add, group commit, {c} clients", f"memosd add, one commit per request, {c} clients", ops,
+          "  target >= 3x")
+    ratio(f"add ops/s, group commit / one commit per request ({c} async clients)",
+          f"memosd add, group commit, {c} async clients in 1 process",
+          f"memosd add, one commit per request, {c} async clients in 1 process", ops)
+    for records in (1, 7):
+        ratio(f"the same without memos (raw pyzmq+LMDB, {records} record(s) a request)",
+              f"raw pyzmq+LMDB add, group commit, {records} record(s), {c} clients",
+              f"raw pyzmq+LMDB add, one commit per request, {records} record(s), {c} clients", ops)
 
 
 if __name__ == "__main__":
