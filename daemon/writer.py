@@ -8,6 +8,9 @@ commit returns, so nothing is acknowledged before it is durable.
 
 A write's reply is stored under (agent, request id) in the same transaction;
 a retry with the same id gets that reply instead of a second application.
+Stored replies are also indexed by time and forgotten after the retention
+period, a bounded batch at a time between group commits, so pruning reads
+only what expired and never holds writers up for long.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from memos.api import Actor, Memos, Write
 from memos.errors import InternalError, MemosError
 from memos.models import Commit, Cube, Memory
 from memos.protocol import error_reply, ok_reply
+from memos.storage import request_time_key
 
 from .handlers import wire
 
@@ -52,6 +56,8 @@ class Job:
 
 
 _STOP = object()
+_PRUNE_EVERY_S = 60.0
+_PRUNE_BATCH = 250  # stored replies forgotten per transaction: ~10 ms between group commits
 
 
 def _one_by_one(replies: list[tuple[Reply, dict[str, Any]]]) -> None:
@@ -73,6 +79,7 @@ class Writer(threading.Thread):
         self.publish = publish
         self.queue: queue.Queue[Any] = queue.Queue()
         self.db = memos.store.db["requests"]
+        self.times = memos.store.db["request_times"]
         self.commits = 0
         self.writes = 0
 
@@ -85,17 +92,15 @@ class Writer(threading.Thread):
         self.join()
 
     def run(self) -> None:
-        last_prune = 0.0
         expected = 1  # size of the last group: how many writers are active
+        next_prune = 0.0  # at once: replies may have expired while the daemon was down
         while True:
+            if time.monotonic() >= next_prune:
+                more = self._prune_some()
+                next_prune = time.monotonic() + (0.0 if more else _PRUNE_EVERY_S)
             try:
-                first = self.queue.get(timeout=30)
+                first = self.queue.get(timeout=max(next_prune - time.monotonic(), 0.001))
             except queue.Empty:
-                first = None
-            if time.monotonic() - last_prune > 600:
-                self._prune()
-                last_prune = time.monotonic()
-            if first is None:
                 continue
             batch, stopping = self._gather(first, expected)
             if batch:
@@ -175,7 +180,9 @@ class Writer(threading.Thread):
             if not job.idempotent:
                 return (result, None), version, detail
             reply = ok_reply(job.request_id, wire(result))
-            txn.put(job.key, codec.pack_unsorted({"time": time.time(), "reply": reply}), db=self.db)
+            now = time.time()
+            txn.put(job.key, codec.pack_unsorted({"time": now, "reply": reply}), db=self.db)
+            txn.put(request_time_key(now, job.key), b"", db=self.times)
             return (result, reply), version, detail
 
         return Write(inner.actor, inner.op, inner.cube, fn, inner.request_id)
@@ -199,20 +206,27 @@ class Writer(threading.Thread):
         if cube is not None:
             self.publish(cube, event)
 
-    def _prune(self) -> None:
-        """Forget stored replies older than the retention period."""
-        cutoff = time.time() - self.retention_s
+    def _prune_some(self) -> bool:
+        """Forget up to a batch of stored replies older than the retention period; True if more are due."""
+        cutoff = request_time_key(time.time() - self.retention_s, b"")
 
-        def prune(txn: lmdb.Transaction) -> int:
-            old = [k for k, v in txn.cursor(db=self.db) if codec.unpack(v)["time"] < cutoff]
-            for key in old:
-                txn.delete(key, db=self.db)
-            return len(old)
+        def prune(txn: lmdb.Transaction) -> tuple[int, bool]:
+            cur = txn.cursor(db=self.times)
+            removed = 0
+            cur.first()
+            while (key := cur.key()) and key[:8] < cutoff:
+                if removed == _PRUNE_BATCH:
+                    return removed, True
+                txn.delete(key[8:], db=self.db)
+                cur.delete()  # and move to the next, oldest first
+                removed += 1
+            return removed, False
 
         try:
-            removed = self.memos.store.write(prune)
+            removed, more = self.memos.store.write(prune)
         except MemosError:
             log.exception("pruning stored replies failed")
-            return
+            return False
         if removed:
-            log.info("pruned %d stored replies", removed)
+            log.debug("pruned %d stored replies", removed)
+        return more

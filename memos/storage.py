@@ -38,15 +38,29 @@ DATABASES: dict[str, str] = {
     "cube_blobs": "cube\\0sha256 hex -> u64 count of that cube's version records using it",
     "usage": "cube\\0memory id -> Usage record",
     "agents": "agent name -> Agent record (hashed token, created)",
-    "requests": "client request id -> stored reply (idempotent retries)",
+    "requests": "agent\\0request id -> {time, reply}: a write's stored reply (idempotent retries)",
+    "request_times": "u64 ms stored + agent\\0request id -> '' (stored replies oldest first, for pruning)",
     "vectors": "embedder identity hash + sha256 of a search key -> float32 vector",
 }
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # from-version -> function upgrading a store in place to from-version + 1.
 Migration = Callable[["Store", lmdb.Transaction], None]
-MIGRATIONS: dict[int, Migration] = {}
+
+
+def request_time_key(stored_at: float, key: bytes) -> bytes:
+    """The ``request_times`` key of a reply stored under ``key`` at ``stored_at`` (epoch seconds)."""
+    return codec.u64(int(stored_at * 1000)) + key
+
+
+def _index_stored_replies(store: Store, txn: lmdb.Transaction) -> None:
+    """Schema 2: index stored replies by time, so that pruning reads only expired ones."""
+    for key, raw in txn.cursor(db=store.db["requests"]):
+        txn.put(request_time_key(codec.unpack(raw)["time"], bytes(key)), b"", db=store.db["request_times"])
+
+
+MIGRATIONS: dict[int, Migration] = {1: _index_stored_replies}
 
 
 @dataclass(frozen=True)

@@ -48,40 +48,66 @@ def test_newer_schema_is_refused_and_leaves_store_reopenable(store_dir, monkeypa
 
 
 def test_migration_hook_runs(store_dir, monkeypatch):
+    current = storage.SCHEMA_VERSION
     with Memos(store_dir) as m:
         m.create_cube(ALICE, "c")
-        m.add(ALICE, "c", "written under schema 1")
+        m.add(ALICE, "c", "written under the current schema")
     calls = []
 
-    def v1_to_v2(store, txn):
+    def upgrade(store, txn):
         calls.append(store.schema_version if hasattr(store, "schema_version") else None)
         txn.put(b"migrated", b"yes", db=store.db["meta"])
 
-    monkeypatch.setattr(storage, "SCHEMA_VERSION", 2)
-    monkeypatch.setattr(storage, "MIGRATIONS", {1: v1_to_v2})
+    monkeypatch.setattr(storage, "SCHEMA_VERSION", current + 1)
+    monkeypatch.setattr(storage, "MIGRATIONS", {**storage.MIGRATIONS, current: upgrade})
     with Memos(store_dir) as m:
-        assert m.store.schema_version == 2
-        assert [x.text for x in m.list(ALICE, "c")] == ["written under schema 1"]
+        assert m.store.schema_version == current + 1
+        assert [x.text for x in m.list(ALICE, "c")] == ["written under the current schema"]
         with m.store.read() as txn:
             assert txn.get(b"migrated", db=m.store.db["meta"]) == b"yes"
-            assert codec.from_u64(txn.get(b"schema_version", db=m.store.db["meta"])) == 2
+            assert codec.from_u64(txn.get(b"schema_version", db=m.store.db["meta"])) == current + 1
     assert len(calls) == 1
-    Store(store_dir).close()  # already at 2: the migration does not run again
+    Store(store_dir).close()  # already upgraded: the migration does not run again
     assert len(calls) == 1
 
 
 def test_missing_migration_is_refused(store_dir, monkeypatch):
+    current = storage.SCHEMA_VERSION
     Store(store_dir).close()
-    monkeypatch.setattr(storage, "SCHEMA_VERSION", 3)
-    monkeypatch.setattr(storage, "MIGRATIONS", {1: lambda store, txn: None})
+    monkeypatch.setattr(storage, "SCHEMA_VERSION", current + 2)
+    monkeypatch.setattr(storage, "MIGRATIONS", {**storage.MIGRATIONS, current: lambda store, txn: None})
     with pytest.raises(StorageError) as err:
         Store(store_dir)
-    assert err.value.details["found"] == 2
-    # The failed migration rolled back: the store is still at schema 1.
-    monkeypatch.setattr(storage, "SCHEMA_VERSION", 1)
+    assert err.value.details["found"] == current + 1
+    # The failed migration rolled back: the store is still at the current schema.
+    monkeypatch.setattr(storage, "SCHEMA_VERSION", current)
     store = Store(store_dir)
-    assert store.schema_version == 1
+    assert store.schema_version == current
     store.close()
+
+
+def test_schema_1_stores_get_their_stored_replies_indexed_by_time(store_dir):
+    """Schema 2 added ``request_times``; upgrading indexes the replies a schema 1 store kept."""
+    store = Store(store_dir)
+    kept = {b"alice\0r1": 1_700_000_000.5, b"bob\0r2": 1_600_000_000.25}
+
+    def as_schema_1(txn):
+        for key, stored_at in kept.items():
+            txn.put(key, codec.pack_unsorted({"time": stored_at, "reply": {"ok": True}}), db=store.db["requests"])
+        txn.drop(store.db["request_times"], delete=False)
+        txn.put(b"schema_version", codec.u64(1), db=store.db["meta"])
+
+    store.write(as_schema_1)
+    store.close()
+    store = Store(store_dir)
+    try:
+        assert store.schema_version == storage.SCHEMA_VERSION
+        with store.read() as txn:
+            index = [bytes(k) for k, _ in txn.cursor(db=store.db["request_times"])]
+        assert index == [storage.request_time_key(kept[b"bob\0r2"], b"bob\0r2"),
+                         storage.request_time_key(kept[b"alice\0r1"], b"alice\0r1")]  # oldest first
+    finally:
+        store.close()
 
 
 def test_files_are_owner_only(store_dir):
