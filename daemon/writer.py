@@ -11,6 +11,9 @@ a retry with the same id gets that reply instead of a second application.
 Stored replies are also indexed by time and forgotten after the retention
 period, a bounded batch at a time between group commits, so pruning reads
 only what expired and never holds writers up for long.
+
+Housekeeping runs on this thread too, between commits: pruning, and writing
+read counts that no write has carried to disk for a while.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ class Job:
 
 
 _STOP = object()
-_PRUNE_EVERY_S = 60.0
+_HOUSEKEEPING_EVERY_S = 60.0  # at most this much of read counts is lost if the daemon is killed
 _PRUNE_BATCH = 250  # stored replies forgotten per transaction: ~10 ms between group commits
 
 
@@ -93,13 +96,13 @@ class Writer(threading.Thread):
 
     def run(self) -> None:
         expected = 1  # size of the last group: how many writers are active
-        next_prune = 0.0  # at once: replies may have expired while the daemon was down
+        next_chores = 0.0  # at once: replies may have expired while the daemon was down
         while True:
-            if time.monotonic() >= next_prune:
-                more = self._prune_some()
-                next_prune = time.monotonic() + (0.0 if more else _PRUNE_EVERY_S)
+            if time.monotonic() >= next_chores:
+                more = self._housekeeping()
+                next_chores = time.monotonic() + (0.0 if more else _HOUSEKEEPING_EVERY_S)
             try:
-                first = self.queue.get(timeout=max(next_prune - time.monotonic(), 0.001))
+                first = self.queue.get(timeout=max(next_chores - time.monotonic(), 0.001))
             except queue.Empty:
                 continue
             batch, stopping = self._gather(first, expected)
@@ -205,6 +208,14 @@ class Writer(threading.Thread):
                 log.exception("updating derived state after a commit failed", extra={"cube": cube})
         if cube is not None:
             self.publish(cube, event)
+
+    def _housekeeping(self) -> bool:
+        """Write pending read counts and prune a batch of stored replies; True if more pruning is due."""
+        try:
+            self.memos.flush_usage()
+        except MemosError:
+            log.exception("writing read counts failed")
+        return self._prune_some()
 
     def _prune_some(self) -> bool:
         """Forget up to a batch of stored replies older than the retention period; True if more are due."""

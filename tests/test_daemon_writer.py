@@ -87,7 +87,7 @@ def test_a_retry_within_retention_replays_and_after_it_applies_again(writer, cub
 
 
 def test_the_writer_thread_prunes_on_its_own(writer, cube, monkeypatch):
-    monkeypatch.setattr(writer_module, "_PRUNE_EVERY_S", 0.02)
+    monkeypatch.setattr(writer_module, "_HOUSEKEEPING_EVERY_S", 0.02)
     writer.retention_s = 0.2
     writer.start()
     try:
@@ -105,3 +105,21 @@ def test_the_writer_thread_prunes_on_its_own(writer, cube, monkeypatch):
     finally:
         writer.stop()
     assert len(writer.memos.list(ALICE, cube)) == 3  # forgetting replies touches no memory
+
+
+def test_read_counts_reach_the_store_without_a_write(writer, cube, monkeypatch):
+    """Reads are counted in memory and written with the next commit, or by housekeeping."""
+    memory = writer.memos.add(ALICE, cube, "read me")
+    for _ in range(3):
+        writer.memos.get(ALICE, cube, memory.id)
+    monkeypatch.setattr(writer_module, "_HOUSEKEEPING_EVERY_S", 0.02)
+    writer.start()
+    try:
+        deadline = time.monotonic() + 10
+        while writer.memos._usage.peek(cube, memory.id)[0] and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        writer.stop()
+    with writer.memos.store.read() as txn:
+        assert writer.memos._usage_plain(txn, cube, memory.id)["reads"] == 3
+    assert writer.memos._usage.peek(cube, memory.id) == (0, None)  # all of it from the store
