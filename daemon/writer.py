@@ -99,7 +99,11 @@ class Writer(threading.Thread):
         next_chores = 0.0  # at once: replies may have expired while the daemon was down
         while True:
             if time.monotonic() >= next_chores:
-                more = self._housekeeping()
+                try:
+                    more = self._housekeeping()
+                except Exception:  # a bug here must not kill the writer: writes come first
+                    log.exception("housekeeping failed")
+                    more = False
                 next_chores = time.monotonic() + (0.0 if more else _HOUSEKEEPING_EVERY_S)
             try:
                 first = self.queue.get(timeout=max(next_chores - time.monotonic(), 0.001))

@@ -34,11 +34,11 @@ class DaemonSettings(BaseModel):
     socket: Path | None = Field(None, description="ipc socket path; default: memosd.sock in the runtime dir.")
     runtime_dir: Path = Field(default_factory=default_runtime_dir, description="Private 0700 folder for sockets and the lock.")
     data_dir: Path = Field(default_factory=default_data_dir, description="Folder of the LMDB store.")
-    max_message_bytes: int = Field(64 << 20, description="Largest request accepted; larger ones get too_large.")
-    read_workers: int = Field(4, description="Threads serving read requests concurrently.")
-    max_group: int = Field(256, description="Most writes made durable in one group commit.")
+    max_message_bytes: int = Field(64 << 20, ge=1 << 10, description="Largest request accepted; larger ones get too_large.")
+    read_workers: int = Field(4, ge=1, le=256, description="Threads serving read requests concurrently.")
+    max_group: int = Field(256, ge=1, description="Most writes made durable in one group commit.")
     allow_uids: list[int] = Field(default_factory=list, description="Other local users allowed to connect (with a token).")
-    request_retention_s: float = Field(86_400, description="How long replies are kept for idempotent retries.")
+    request_retention_s: float = Field(86_400, ge=0, le=10 * 365 * 86_400, description="How long replies are kept for idempotent retries.")
     log_level: str = Field("INFO", description="Logging level.")
 
     def socket_path(self) -> Path:

@@ -51,7 +51,7 @@ Migration = Callable[["Store", lmdb.Transaction], None]
 
 def request_time_key(stored_at: float, key: bytes) -> bytes:
     """The ``request_times`` key of a reply stored under ``key`` at ``stored_at`` (epoch seconds)."""
-    return codec.u64(int(stored_at * 1000)) + key
+    return codec.u64(max(0, int(stored_at * 1000))) + key
 
 
 def _index_stored_replies(store: Store, txn: lmdb.Transaction) -> None:
