@@ -1,20 +1,23 @@
 """IPC benchmark: memosd against the raw ZeroMQ floor, in one run.
 
-Measures, each with 1 and with C concurrent client processes:
+Measures (p50, p99, ops/s):
 
 * raw pyzmq DEALER/ROUTER round trip of a ~200-byte msgpack map (an echo
-  server in another process): the floor;
-* memosd ``get`` through the blocking client library (p50, p99, ops/s);
+  server in another process), with 1 and with C client processes: the floor;
+* memosd ``get`` through the blocking client library, with 1 and C clients;
 * durable ``add`` throughput with group commit, against the same daemon
-  started with ``max_group = 1`` (one commit per request);
+  started with ``max_group = 1`` (one commit per request), with C client
+  processes and with C asyncio clients in one process;
 * the same comparison without memos: a minimal one-thread pyzmq ROUTER that
   puts each request into LMDB, either everything that arrived since its last
   commit in one commit or one commit per request. It writes one record per
-  request, or seven in seven sub-databases as memosd's add does (state,
-  head, commit, cube, audit record, audit head, stored reply). That is how
-  much a group commit can gain on this machine's fsync at all.
+  request, or eight in eight sub-databases as memosd's add does (state,
+  head, commit, cube, audit record, audit head, stored reply and its time).
+  That is how much a group commit can gain on this machine's fsync at all.
 
-Usage: python bench/ipc.py [--n 2000] [--clients 8]
+Every server runs throughout; the measures take turns, once per round.
+
+Usage: python bench/ipc.py [--n 2000] [--clients 8] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -242,7 +245,7 @@ def main() -> None:
     memory = grouped.client.add("bench", "a memory to read back " + "x" * 100)
     raw_writers = {(mode, records): Raw(RAW_WRITE_SERVER, f"ipc://{tmp}/raw-{mode}-{records}.sock",
                                         str(tmp / f"raw-{mode}-{records}"), mode, str(records))
-                   for records in (1, 7) for mode in ("group", "single")}
+                   for records in (1, 8) for mode in ("group", "single")}
 
     measures = [
         ("raw pyzmq round trip, 1 client (the floor)", raw_client, (echo.endpoint, gets), 1),
@@ -296,7 +299,7 @@ def main() -> None:
     ratio(f"add ops/s, group commit / one commit per request ({c} async clients)",
           f"memosd add, group commit, {c} async clients in 1 process",
           f"memosd add, one commit per request, {c} async clients in 1 process", ops)
-    for records in (1, 7):
+    for records in (1, 8):
         ratio(f"the same without memos (raw pyzmq+LMDB, {records} record(s) a request)",
               f"raw pyzmq+LMDB add, group commit, {records} record(s), {c} clients",
               f"raw pyzmq+LMDB add, one commit per request, {records} record(s), {c} clients", ops)
