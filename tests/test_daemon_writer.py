@@ -1,4 +1,5 @@
-"""The writer's stored replies: kept for retries, forgotten after the retention period.
+"""The writer's housekeeping: stored replies kept for retries and forgotten after the
+retention period, and read counts written when no write carries them.
 
 The writer runs in process against a real store; time is moved by patching
 ``time.time``, so expiry needs no waiting.
