@@ -24,6 +24,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -504,7 +505,7 @@ class SearchService:
                 return cached
         found = [m for m in self.memos.list(actor, cube.name, at=at, status=None) if _searchable(m)]
         # Every query of a past version is scored exactly (it passes ``allow``): no HNSW graph to build.
-        index = HybridIndex(self.embedder.dim, RetrievalConfig(ann_threshold=1 << 62))
+        index = HybridIndex(self.embedder.dim, replace(self._config(), ann_threshold=1 << 62))
         docs = [_doc(m) for m in found]
         if docs:
             index.upsert(docs, self._vectors_for([d.key for d in docs]))

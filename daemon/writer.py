@@ -97,14 +97,15 @@ class Writer(threading.Thread):
     def run(self) -> None:
         expected = 1  # size of the last group: how many writers are active
         next_chores = 0.0  # at once: replies may have expired while the daemon was down
+        backlog = False  # expired replies left over from the last pass
         while True:
             if time.monotonic() >= next_chores:
                 try:
-                    more = self._housekeeping()
+                    backlog = self._housekeeping(backlog)
                 except Exception:  # a bug here must not kill the writer: writes come first
                     log.exception("housekeeping failed")
-                    more = False
-                next_chores = time.monotonic() + (0.0 if more else _HOUSEKEEPING_EVERY_S)
+                    backlog = False
+                next_chores = time.monotonic() + (0.0 if backlog else _HOUSEKEEPING_EVERY_S)
             try:
                 first = self.queue.get(timeout=max(next_chores - time.monotonic(), 0.001))
             except queue.Empty:
@@ -213,12 +214,17 @@ class Writer(threading.Thread):
         if cube is not None:
             self.publish(cube, event)
 
-    def _housekeeping(self) -> bool:
-        """Write pending read counts and prune a batch of stored replies; True if more pruning is due."""
-        try:
-            self.memos.flush_usage()
-        except MemosError:
-            log.exception("writing read counts failed")
+    def _housekeeping(self, backlog: bool) -> bool:
+        """Prune a batch of stored replies; True if more are due.
+
+        A regular pass also writes pending read counts; the batches that work
+        off a backlog do not, so they cost one commit each, not two.
+        """
+        if not backlog:
+            try:
+                self.memos.flush_usage()
+            except MemosError:
+                log.exception("writing read counts failed")
         return self._prune_some()
 
     def _prune_some(self) -> bool:

@@ -210,17 +210,19 @@ def test_environment_overrides(make_daemon, monkeypatch):
     assert "memosd listening" not in d.log()  # INFO is below the WARNING level set by the environment
 
 
-@pytest.mark.parametrize("case", ["env value", "out of range", "toml type", "toml syntax", "missing file",
-                                  "long socket path"])
+@pytest.mark.parametrize("case", ["env value", "no reader threads", "retention out of range", "toml type",
+                                  "toml syntax", "missing file", "long socket path"])
 def test_bad_configuration_is_refused_cleanly(make_daemon, case):
     d = make_daemon()
     (d.root / "run").mkdir(mode=0o700)
     bad = d.root / "bad.toml"
     if case == "env value":
         proc = d.spawn(env={"MEMOS_DAEMON__MAX_MESSAGE_BYTES": "lots"})
-    elif case == "out of range":  # no reader threads, replies kept for ever: refused, not half-started
-        bad.write_text("[daemon]\nread_workers = 0\nrequest_retention_s = 1e12\n")
+    elif case == "no reader threads":
+        bad.write_text("[daemon]\nread_workers = 0\n")
         proc = d.spawn("--config", str(bad))
+    elif case == "retention out of range":  # refused at start, not a writer thread dying later
+        proc = d.spawn(env={"MEMOS_DAEMON__REQUEST_RETENTION_S": "1e12"})
     elif case == "toml type":
         bad.write_text("daemon = 3\n")
         proc = d.spawn("--config", str(bad))

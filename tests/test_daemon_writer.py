@@ -124,3 +124,12 @@ def test_read_counts_reach_the_store_without_a_write(writer, cube, monkeypatch):
     with writer.memos.store.read() as txn:
         assert writer.memos._usage_plain(txn, cube, memory.id)["reads"] == 3
     assert writer.memos._usage.peek(cube, memory.id) == (0, None)  # all of it from the store
+
+
+def test_backlog_batches_leave_read_counts_to_the_regular_pass(writer, cube):
+    memory = writer.memos.add(ALICE, cube, "read me")
+    writer.memos.get(ALICE, cube, memory.id)
+    writer._housekeeping(backlog=True)  # working off expired replies: one commit a batch
+    assert writer.memos._usage.peek(cube, memory.id)[0] == 1
+    writer._housekeeping(backlog=False)
+    assert writer.memos._usage.peek(cube, memory.id) == (0, None)
