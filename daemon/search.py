@@ -30,13 +30,19 @@ from typing import Any
 
 import lmdb
 import numpy as np
+from memos.retrieval import Doc, HybridIndex, RetrievalConfig, doc_for, key_text
 
 from memos import protocol as p
 from memos.api import LOCAL_ADMIN, Actor, Memos, Write
 from memos.config import SearchSettings
-from memos.errors import InternalError, InvalidRequest, MemosError, ModelMismatch, Unavailable
+from memos.errors import (
+    InternalError,
+    InvalidRequest,
+    MemosError,
+    ModelMismatch,
+    Unavailable,
+)
 from memos.models import Cube, Memory, MemoryType, Status, plain
-from memos.retrieval import Doc, HybridIndex, RetrievalConfig, doc_for, key_text
 
 log = logging.getLogger("memosd.search")
 

@@ -3,13 +3,17 @@
 Threads and who owns what:
 
 * the **main thread** owns the ROUTER. It decodes, validates and
-  authenticates each request, answers point reads (``get``, ``ping``...) at
-  once, hands other reads to the worker pool and writes to the writer; their
-  replies come back over an inproc PULL socket and go out.
+  authenticates each request and routes it by its operation's declared
+  ``where`` (:mod:`memos.operations`): ``inline`` reads are answered at once,
+  other reads go to the worker pool, writes to the writer (through the
+  prepare stage of the memory types that prepare them, ``prepare.py``);
+  their replies come back over an inproc PULL socket and go out.
 * **workers** run the slower reads against LMDB snapshots (and decode frames
   too big to decode on the main thread).
 * the **writer** (``writer.py``) owns LMDB writes, group commit and the PUB
   socket of change events.
+* memory types (``types.py``) run their own threads behind the contract of
+  :mod:`memos.memtypes`; the daemon knows them only through it.
 * the **ZAP thread** answers libzmq's authentication hook: it sees each
   connecting peer's uid and refuses users other than ours (and allowed ones).
 """
@@ -28,15 +32,14 @@ from typing import Any
 import zmq
 
 from memos import protocol as p
-from memos.agents import Agents
-from memos.api import LOCAL_ADMIN, Actor, Memos, Write
+from memos.api import LOCAL_ADMIN, Actor
 from memos.config import Settings
+from memos.core import Write
 from memos.errors import ConfigError, InternalError, MemosError, Unauthenticated
-from memos.storage import StoreOptions
+from memos.models import plain
+from memos.operations import Route
 
-from . import handlers
-from .jobs import Jobs
-from .search import SearchService
+from .types import MemoryTypes
 from .writer import Job, Writer
 
 log = logging.getLogger("memosd")
@@ -44,11 +47,7 @@ log = logging.getLogger("memosd")
 _OUT = "inproc://memosd-out"
 _ZAP = "inproc://zeromq.zap.01"
 _MAX_IN_FLIGHT = 10_000  # past this the ROUTER is not read, so zmq's HWM pushes back
-# Point reads answered on the main thread: a hop to a worker and back would cost
-# more than the read itself. Everything else runs on workers or the writer.
-_INLINE_READS = frozenset({"ping", "whoami", "get", "cube_get"})
 _INLINE_MAX_FRAME = 64 << 10
-_EMBEDDING_OPS = frozenset({"add", "add_many", "update"})
 # Plain ints: pyzmq's enum flags cost microseconds per operation on the hot path.
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 _SNDMORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
@@ -114,7 +113,6 @@ class Server:
     # -- lifecycle ------------------------------------------------------
 
     def start(self) -> None:
-        handlers.check_table()
         private_dir(self.socket_path.parent)
         self._socket_lock = _Lock(Path(f"{self.socket_path}.lock"), "socket")
         data_dir = private_dir(Path(self.cfg.data_dir).expanduser())
@@ -123,11 +121,9 @@ class Server:
             if stale.exists():  # we hold the lock, so whoever made it is gone
                 log.info("removing stale socket %s", stale)
                 stale.unlink()
-        self.memos = Memos(data_dir, options=StoreOptions(map_size=self.settings.store.map_size),
-                           limits=self.settings.limits)
-        self.jobs = Jobs()
-        self.search = SearchService(self.memos, self.settings.search, data_dir / "index", self.jobs)
-        self.ctx = handlers.Context(self.memos, Agents(self.memos), self.search, self.jobs)
+        self.types = MemoryTypes(self.settings, data_dir)
+        self.memos = self.types.memos
+        self.routes: dict[str, Route] = self.memos.routes()
         self.zmq = zmq.Context()
         self._pull = self.zmq.socket(zmq.PULL)
         self._pull.bind(_OUT)
@@ -149,9 +145,9 @@ class Server:
         self.pool = ThreadPoolExecutor(self.cfg.read_workers, thread_name_prefix="memosd-worker")
         self.writer = Writer(self.memos, max_group=self.cfg.max_group,
                              retention_s=self.cfg.request_retention_s, publish=self._publish,
-                             on_commit=self.search.on_commit, deliver=self._deliver)
+                             on_commit=self.types.after_commit, deliver=self._deliver)
         self.writer.start()
-        self.search.start()
+        self.types.start(commit=self.writer.submit, fail=self._fail_job)
         log.info("memosd listening", extra={"socket": str(self.socket_path), "data_dir": str(data_dir),
                                             "pid": os.getpid()})
 
@@ -175,9 +171,9 @@ class Server:
         """Finish what was accepted: answer in-flight requests, then close everything."""
         log.info("stopping: %d requests in flight", self._in_flight)
         self.pool.shutdown(wait=True)
-        self.search.stop()  # queued embeddings reach the writer first
+        self.types.stop()  # writes being prepared reach the writer first
         self.writer.stop()
-        self.search.close()
+        self.types.close()
         while self._in_flight > 0 and self._pull.poll(2000):
             self._forward()
         self.memos.close()
@@ -284,22 +280,23 @@ class Server:
             message = p.decode(payloads[0], self.cfg.max_message_bytes)
             if isinstance(message.get("op"), str):
                 op = message["op"][:64]
-            envelope, args = p.parse_request(message)
+            envelope, route, args = p.parse_request(message, self.routes)
             actor = self._authenticate(uid, envelope.token)
-            if envelope.op in handlers.WRITES:
-                write = handlers.WRITES[envelope.op](self.ctx, actor, args, envelope.id)
+            where = route.op.where
+            if where == "writer":
+                write = route(actor, args, envelope.id)
                 hand_off()
                 reply = self._forgetting_tokens(queued) if envelope.op == "agent_remove" else queued
                 job = Job(actor, envelope.id, write, reply)
-                if envelope.op in _EMBEDDING_OPS:  # vectors first, batched on the embedding thread
-                    self.search.embed_then(envelope.op, args, write, self._after_embedding(job))
+                if self.types.prepares(envelope.op):
+                    self.types.prepare(envelope.op, args, job)
                 else:
                     self.writer.submit(job)
-            elif inline and envelope.op not in _INLINE_READS:
+            elif inline and where != "inline":
                 hand_off()
-                self.pool.submit(self._read, envelope, actor, args, queued)
+                self.pool.submit(self._read, envelope, route, actor, args, queued)
             else:
-                self._read(envelope, actor, args, self._send_now(identity) if inline else queued)
+                self._read(envelope, route, actor, args, self._send_now(identity) if inline else queued)
         except MemosError as exc:
             hand_off()
             self._fail(actor, op, p.request_id_of(message), exc, queued)
@@ -308,20 +305,14 @@ class Server:
             hand_off()
             self._fail(actor, op, p.request_id_of(message), InternalError(f"{type(exc).__name__}"), queued)
 
-    def _after_embedding(self, job: Job):
-        def done(result: Write | MemosError) -> None:
-            if isinstance(result, MemosError):
-                self._fail(job.actor, job.write.op, job.request_id, result, job.reply)
-            else:
-                job.write = result
-                self.writer.submit(job)
+    def _fail_job(self, job: Job, exc: MemosError) -> None:
+        """A write refused before the writer (by a memory type's prepare)."""
+        self._fail(job.actor, job.write.op, job.request_id, exc, job.reply)
 
-        return done
-
-    def _read(self, envelope: p.Envelope, actor: Actor, args: Any, reply) -> None:
-        """Run a read handler; Memos has already audited any failure it raises."""
+    def _read(self, envelope: p.Envelope, route: Route, actor: Actor, args: Any, reply) -> None:
+        """Run a read; the core has already audited any failure it raises."""
         try:
-            result = handlers.READS[envelope.op](self.ctx, actor, args)
+            result = plain(route(actor, args))
         except MemosError as exc:
             reply(p.error_reply(envelope.id, exc))
         except Exception as exc:  # a bug: answer, log, keep serving
@@ -343,7 +334,7 @@ class Server:
             actor = self._tokens.get(token)
             if actor is None:
                 generation = self._tokens_generation
-                actor = self.ctx.agents.authenticate(token)
+                actor = self.memos.agents.authenticate(token)
                 with self._tokens_lock:
                     # A token checked against a snapshot older than a removal
                     # that has since forgotten tokens must not be cached.

@@ -29,13 +29,12 @@ from typing import Any
 import lmdb
 
 from memos import codec
-from memos.api import Actor, Memos, Write
+from memos.api import Actor, Memos
+from memos.core import Applied, Write
 from memos.errors import InternalError, MemosError
-from memos.models import Commit, Cube, Memory
+from memos.models import Event, plain
 from memos.protocol import error_reply, ok_reply
 from memos.storage import request_time_key
-
-from .handlers import wire
 
 log = logging.getLogger("memosd.writer")
 
@@ -160,7 +159,7 @@ class Writer(threading.Thread):
         if not fresh:
             return
         try:
-            results = self.memos.apply([self._recording(job) for job in fresh])
+            results = self.memos.core.apply([self._recording(job) for job in fresh])
         except MemosError as exc:
             results = [exc] * len(fresh)
         except Exception as exc:  # a bug must not kill the writer: fail the batch loudly
@@ -173,8 +172,8 @@ class Writer(threading.Thread):
             if isinstance(result, MemosError):
                 reply = error_reply(job.request_id or None, result)
             else:
-                value, reply = result
-                self._announce(job, value)
+                reply = result.result
+                self._announce(job, result)
             for j in [job, *waiting.get(job.key, [])] if job.idempotent else [job]:
                 out.append((j.reply, reply))
         self.deliver(out)
@@ -183,36 +182,30 @@ class Writer(threading.Thread):
         """The job's write, also storing its reply for retries in the same transaction."""
         inner = job.write
 
-        def fn(txn: lmdb.Transaction):
-            result, version, detail = inner.fn(txn)
-            if not job.idempotent:
-                return (result, None), version, detail
-            reply = ok_reply(job.request_id, wire(result))
-            now = time.time()
-            txn.put(job.key, codec.pack_unsorted({"time": now, "reply": reply}), db=self.db)
-            txn.put(request_time_key(now, job.key), b"", db=self.times)
-            return (result, reply), version, detail
+        def fn(txn: lmdb.Transaction) -> Applied:
+            applied = inner.fn(txn)
+            # What the writer hands back in each slot: the reply, ready to send.
+            applied.result = reply = ok_reply(job.request_id, plain(applied.result))
+            if job.idempotent:
+                now = time.time()
+                txn.put(job.key, codec.pack_unsorted({"time": now, "reply": reply}), db=self.db)
+                txn.put(request_time_key(now, job.key), b"", db=self.times)
+            return applied
 
         return Write(inner.actor, inner.op, inner.cube, fn, inner.request_id)
 
-    def _announce(self, job: Job, value: Any) -> None:
-        cube = job.write.cube if isinstance(job.write.cube, str) else None
-        event: dict[str, Any] = {"op": job.write.op, "cube": cube, "actor": job.actor.name, "time": time.time()}
-        if isinstance(value, Memory):
-            event.update(version=value.version, memories=[value.id])
-        elif isinstance(value, list) and value and isinstance(value[0], Memory):
-            event.update(version=value[0].version, memories=[m.id for m in value])
-        elif isinstance(value, Commit):
-            event.update(version=value.version, memories=[c.memory_id for c in value.changes])
-        elif isinstance(value, Cube):
-            event.update(version=value.version, memories=[])
-        if cube is not None and "version" in event:
-            try:
-                self.on_commit(cube, event["version"], event["memories"])
-            except Exception:  # the write is durable; a stale index must not fail its reply
-                log.exception("updating derived state after a commit failed", extra={"cube": cube})
-        if cube is not None:
-            self.publish(cube, event)
+    def _announce(self, job: Job, applied: Applied) -> None:
+        """Tell derived state, then subscribers, about a durable change to a cube."""
+        cube = job.write.cube
+        if not isinstance(cube, str) or applied.version is None:
+            return
+        try:
+            self.on_commit(cube, applied.version, applied.memories)
+        except Exception:  # the write is durable; a stale index must not fail its reply
+            log.exception("updating derived state after a commit failed", extra={"cube": cube})
+        event = Event(op=job.write.op, cube=cube, actor=job.actor.name, time=time.time(),
+                      version=applied.version, memories=applied.memories)
+        self.publish(cube, event.model_dump())
 
     def _housekeeping(self, backlog: bool) -> bool:
         """Prune a batch of stored replies; True if more are due.

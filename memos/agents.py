@@ -15,17 +15,12 @@ import time
 from typing import Any
 
 import lmdb
-from pydantic import BaseModel
 
-from . import codec, validation as check
-from .api import Actor, Memos, Write
+from . import catalog, codec
+from . import validation as check
+from .access import Actor
+from .core import Applied, Core, Write
 from .errors import Conflict, Denied, NotFound, Unauthenticated
-
-
-class Agent(BaseModel):
-    name: str
-    created_at: float
-    created_by: str
 
 
 def _hash(secret: str) -> str:
@@ -33,15 +28,17 @@ def _hash(secret: str) -> str:
 
 
 class Agents:
-    def __init__(self, memos: Memos) -> None:
-        self.memos = memos
-        self.db = memos.store.db["agents"]
+    operations = catalog.AGENTS_OPERATIONS
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.db = core.store.db["agents"]
 
     def _admin(self, actor: Actor, op: str) -> None:
         if not actor.admin:
             raise Denied(f"{op} needs the local administrator", agent=actor.name)
 
-    def write_add(self, actor: Actor, name: Any) -> Write:
+    def write_add(self, actor: Actor, name: Any, request_id: str | None = None) -> Write:
         """Register ``name``; the result carries the token, shown only this once."""
 
         def fn(txn: lmdb.Transaction):
@@ -55,34 +52,34 @@ class Agents:
             record = {"name": agent, "created_at": time.time(), "created_by": actor.name,
                       "token_sha256": _hash(secret)}
             txn.put(agent.encode(), codec.pack(record), db=self.db)
-            return {"name": agent, "token": f"{agent}.{secret}"}, None, {"agent": agent}
+            return Applied({"name": agent, "token": f"{agent}.{secret}"}, detail={"agent": agent})
 
-        return Write(actor, "agent_add", None, fn)
+        return Write(actor, "agent_add", None, fn, request_id)
 
-    def write_remove(self, actor: Actor, name: Any) -> Write:
+    def write_remove(self, actor: Actor, name: Any, request_id: str | None = None) -> Write:
         def fn(txn: lmdb.Transaction):
             self._admin(actor, "agent_remove")
             agent = check.name(name, "agent")
             if not txn.delete(agent.encode(), db=self.db):
                 raise NotFound(f"no agent {agent!r}", agent=agent)
-            return {"name": agent, "removed": True}, None, {"agent": agent}
+            return Applied({"name": agent, "removed": True}, detail={"agent": agent})
 
-        return Write(actor, "agent_remove", None, fn)
+        return Write(actor, "agent_remove", None, fn, request_id)
 
-    def list(self, actor: Actor) -> list[Agent]:
-        def fn(txn: lmdb.Transaction) -> list[Agent]:
+    def list(self, actor: Actor) -> list[catalog.Agent]:
+        def fn(txn: lmdb.Transaction) -> list[catalog.Agent]:
             self._admin(actor, "agent_list")
-            return [Agent.model_validate({k: v for k, v in codec.unpack(raw).items() if k != "token_sha256"})
+            return [catalog.Agent.model_validate({k: v for k, v in codec.unpack(raw).items() if k != "token_sha256"})
                     for _, raw in txn.cursor(db=self.db)]
 
-        return self.memos.read(actor, "agent_list", None, fn)
+        return self.core.read(actor, "agent_list", None, fn)
 
     def authenticate(self, token: str) -> Actor:
         """The agent a token belongs to, or Unauthenticated."""
         name, sep, secret = token.partition(".")
         if not name or not sep or not secret or len(name.encode()) > 64:
             raise Unauthenticated("malformed token")
-        with self.memos.store.read() as txn:
+        with self.core.store.read() as txn:
             raw = txn.get(name.encode(), db=self.db)
         if raw is None:
             raise Unauthenticated("unknown or revoked token")

@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-
 from .client import Client
 from .errors import MemosError
 from .models import plain

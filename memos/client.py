@@ -1,5 +1,9 @@
 """The client library: :class:`AsyncClient`, and :class:`Client` generated from it.
 
+Its operation methods are generated from the operations' declarations
+(:mod:`memos.catalog` and each registered memory type): the same names,
+arguments and result types the daemon serves, never a hand-written copy.
+
 One DEALER connection carries many concurrent requests; a reader task matches
 replies to callers by request id. A request that gets no reply in time is
 resent with the *same* id, so a retried write is applied once. Errors come
@@ -22,10 +26,13 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from . import catalog
 from . import protocol as p
 from .errors import InvalidRequest, MemosError, Timeout, TooLarge, from_wire
 from .extraction import messages_to_memories
-from .models import AuditRecord, Checkpoint, Commit, Cube, DiffEntry, Memory, SearchHit, VerifyReport
+from .memtypes import load_types
+from .models import Event, Memory, plain
+from .operations import Operation
 
 
 def default_socket() -> Path:
@@ -103,7 +110,7 @@ class AsyncClient:
 
     def _frame(self, op: str, args: dict[str, Any]) -> tuple[str, bytes]:
         """A request frame and its id."""
-        spec = p.OPS.get(op)
+        spec = OPERATIONS.get(op)
         if spec is None:
             raise InvalidRequest(f"unknown operation {op!r}")
         rid = f"{_rids.prefix}{next(_rids.counter):x}"
@@ -166,58 +173,7 @@ class AsyncClient:
         await self.close()
 
     # -- operations -----------------------------------------------------
-
-    async def ping(self) -> dict[str, Any]:
-        return await self.call("ping")
-
-    async def whoami(self) -> dict[str, Any]:
-        return await self.call("whoami")
-
-    async def agent_add(self, name: str) -> dict[str, Any]:
-        """Register an agent; the reply's ``token`` is shown only once."""
-        return await self.call("agent_add", name=name)
-
-    async def agent_list(self) -> list[dict[str, Any]]:
-        return await self.call("agent_list")
-
-    async def agent_remove(self, name: str) -> dict[str, Any]:
-        return await self.call("agent_remove", name=name)
-
-    async def cube_create(self, name: str, settings: dict[str, Any] | None = None) -> Cube:
-        return Cube.model_validate(await self.call("cube_create", name=name, settings=settings))
-
-    async def cube_list(self) -> list[Cube]:
-        return [Cube.model_validate(c) for c in await self.call("cube_list")]
-
-    async def cube_get(self, cube: str) -> Cube:
-        return Cube.model_validate(await self.call("cube_get", cube=cube))
-
-    async def cube_grant(self, cube: str, agent: str, role: str | None) -> Cube:
-        """Give ``agent`` read, write or admin on ``cube``; ``None`` revokes."""
-        return Cube.model_validate(await self.call("cube_grant", cube=cube, agent=agent, role=role))
-
-    async def add(
-        self, cube: str, text: str | None = None, *, tags: Sequence[str] | None = None,
-        metadata: dict[str, Any] | None = None, type: str | None = None, blob: bytes | None = None,
-        media_type: str | None = None, sources: Sequence[dict[str, Any]] | None = None,
-        policy: str | None = None,
-    ) -> Memory:
-        return Memory.model_validate(await self.call(
-            "add", cube=cube, text=text, tags=list(tags) if tags is not None else None, metadata=metadata,
-            type=type, blob=blob, media_type=media_type,
-            sources=list(sources) if sources is not None else None, policy=policy,
-        ))
-
-    async def add_many(self, cube: str, items: Sequence[dict[str, Any] | str],
-                       embedder: str | None = None) -> list[Memory]:
-        """Add many memories in one commit; items are texts or maps of ``add``'s fields.
-
-        An item may carry its own ``vector`` (float32 bytes) made by the daemon's
-        embedder, named by ``embedder`` (its identity; see ``embedder()``).
-        """
-        wire_items = [{"text": i} if isinstance(i, str) else i for i in items]
-        rows = await self.call("add_many", cube=cube, items=wire_items, embedder=embedder)
-        return [Memory.model_validate(m) for m in rows]
+    # Every operation's method is generated from its declaration (see _operation_method).
 
     async def add_messages(
         self, cube: str, messages: Sequence[dict[str, Any]], *, session: str | None = None,
@@ -228,82 +184,7 @@ class AsyncClient:
         items = messages_to_memories(messages, session=session, date=date, tags=tags)
         return await AsyncClient.add_many(self, cube, items)
 
-    async def get(self, cube: str, id: str, *, at: int | None = None, include_deleted: bool = False) -> Memory:
-        return Memory.model_validate(await self.call("get", cube=cube, id=id, at=at,
-                                                     include_deleted=include_deleted or None))
-
-    async def update(
-        self, cube: str, id: str, text: str | None = None, *, tags: Sequence[str] | None = None,
-        metadata: dict[str, Any] | None = None, status: str | None = None, expected_version: int | None = None,
-    ) -> Memory:
-        return Memory.model_validate(await self.call(
-            "update", cube=cube, id=id, text=text, tags=list(tags) if tags is not None else None,
-            metadata=metadata, status=status, expected_version=expected_version,
-        ))
-
-    async def delete(self, cube: str, id: str, *, expected_version: int | None = None) -> Memory:
-        return Memory.model_validate(await self.call("delete", cube=cube, id=id, expected_version=expected_version))
-
-    async def list(
-        self, cube: str, *, at: int | None = None, status: str | None = None, tag: str | None = None,
-        limit: int | None = None, after: str | None = None,
-    ) -> list[Memory]:
-        """Memories in creation order; ``status="all"`` includes archived and deleted."""
-        rows = await self.call("list", cube=cube, at=at, status=status, tag=tag, limit=limit, after=after)
-        return [Memory.model_validate(m) for m in rows]
-
-    async def history(self, cube: str, *, memory_id: str | None = None, limit: int | None = None,
-                      before: int | None = None) -> list[Commit]:
-        rows = await self.call("history", cube=cube, memory_id=memory_id, limit=limit, before=before)
-        return [Commit.model_validate(c) for c in rows]
-
-    async def diff(self, cube: str, v1: int, v2: int) -> list[DiffEntry]:
-        return [DiffEntry.model_validate(d) for d in await self.call("diff", cube=cube, v1=v1, v2=v2)]
-
-    async def rollback(self, cube: str, to_version: int, memory_ids: Sequence[str] | None = None) -> Commit:
-        return Commit.model_validate(await self.call(
-            "rollback", cube=cube, to_version=to_version,
-            memory_ids=list(memory_ids) if memory_ids is not None else None,
-        ))
-
-    async def search(
-        self, cube: str, query: str, *, k: int = 10, at: int | None = None, tags: Sequence[str] | None = None,
-        status: str | None = None, since: float | None = None, until: float | None = None,
-        metadata: dict[str, Any] | None = None,
-    ) -> list[SearchHit]:
-        """Best memories for ``query`` (dense + BM25), optionally filtered or as of version ``at``."""
-        rows = await self.call("search", cube=cube, query=query, k=k, at=at,
-                               tags=list(tags) if tags is not None else None, status=status,
-                               since=since, until=until, metadata=metadata)
-        return [SearchHit.model_validate(r) for r in rows]
-
-    async def reindex(self, cube: str) -> dict[str, Any]:
-        """Rebuild a cube's search index in the background (see ``jobs``)."""
-        return await self.call("reindex", cube=cube)
-
-    async def jobs(self) -> list[dict[str, Any]]:
-        """Background jobs (index builds, re-embedding) with their progress."""
-        return await self.call("jobs")
-
-    async def embedder(self) -> dict[str, Any]:
-        """The daemon's embedder: name, identity and dimension."""
-        return await self.call("embedder")
-
-    async def get_blob(self, cube: str, sha256: str) -> bytes:
-        return await self.call("get_blob", cube=cube, sha256=sha256)
-
-    async def audit_verify(self, checkpoint: Checkpoint | dict[str, Any] | None = None) -> VerifyReport:
-        if isinstance(checkpoint, Checkpoint):
-            checkpoint = checkpoint.model_dump()
-        return VerifyReport.model_validate(await self.call("audit_verify", checkpoint=checkpoint))
-
-    async def audit_tail(self, n: int = 20, after: int | None = None) -> list[AuditRecord]:
-        return [AuditRecord.model_validate(r) for r in await self.call("audit_tail", n=n, after=after)]
-
-    async def audit_checkpoint(self) -> Checkpoint:
-        return Checkpoint.model_validate(await self.call("audit_checkpoint"))
-
-    async def events(self, cube: str | None = None) -> AsyncIterator[dict[str, Any]]:
+    async def events(self, cube: str | None = None) -> AsyncIterator[Event]:
         """Change events as they happen, for one cube or all."""
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
@@ -313,9 +194,47 @@ class AsyncClient:
             while True:
                 topic, body = await sub.recv_multipart()
                 if cube is None or topic == cube.encode():
-                    yield p.decode(body, 1 << 30)
+                    yield Event.model_validate(p.decode(body, 1 << 30))
         finally:
             sub.close(linger=0)
+
+
+def declared_operations() -> dict[str, Operation]:
+    """Every operation a daemon of this installation serves: the core's and each memory type's."""
+    ops = {op.name: op for op in catalog.core_operations()}
+    for cls in load_types().values():
+        ops.update((op.name, op) for op in cls.operations)
+    return ops
+
+
+def _operation_method(op: Operation) -> Callable[..., Any]:
+    """``AsyncClient.<op>``: its signature from the argument model, its return value the declared result."""
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for name in op.positional:
+        default = inspect.Parameter.empty if name in op.required else None
+        params.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                                        annotation=op.args.model_fields[name].annotation))
+    for name, info in op.args.model_fields.items():
+        if name not in op.positional:
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=info.annotation,
+                                            default=inspect.Parameter.empty if name in op.required else None))
+    signature = inspect.Signature(params, return_annotation=op.result)
+    adapter, name = op.result_type, op.name
+
+    async def method(self: AsyncClient, *args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(self, *args, **kwargs)
+        del bound.arguments["self"]
+        return adapter.validate_python(await self.call(name, **{k: plain(v) for k, v in bound.arguments.items()}))
+
+    method.__name__ = method.__qualname__ = op.name
+    method.__doc__ = op.doc
+    method.__signature__ = signature  # type: ignore[attr-defined]
+    return method
+
+
+OPERATIONS = declared_operations()
+for _op in OPERATIONS.values():
+    setattr(AsyncClient, _op.name, _operation_method(_op))
 
 
 class Client(AsyncClient):
@@ -379,7 +298,7 @@ class Client(AsyncClient):
             self._sockets.clear()
         self._local = threading.local()
 
-    def events(self, cube: str | None = None, timeout: float | None = None) -> Iterator[dict[str, Any]]:  # type: ignore[override]
+    def events(self, cube: str | None = None, timeout: float | None = None) -> Iterator[Event]:  # type: ignore[override]
         """Change events; stops after ``timeout`` seconds without one (None: never)."""
         sub = zmq.Context.instance().socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
@@ -389,7 +308,7 @@ class Client(AsyncClient):
             while sub.poll(None if timeout is None else int(timeout * 1000)):
                 topic, body = sub.recv_multipart()
                 if cube is None or topic == cube.encode():
-                    yield p.decode(body, 1 << 30)
+                    yield Event.model_validate(p.decode(body, 1 << 30))
         finally:
             sub.close(linger=0)
 

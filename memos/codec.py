@@ -13,8 +13,7 @@ from typing import Any
 
 import msgpack
 
-from .errors import InvalidRequest, IntegrityError
-
+from .errors import IntegrityError, InvalidRequest
 
 _LEAVES = frozenset({str, int, float, bool, type(None), bytes})
 

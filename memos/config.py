@@ -8,15 +8,20 @@ the TOML file (``MEMOS_CONFIG`` or ``--config`` names another one), defaults.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 from pydantic_settings import (
-    BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource,
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
 )
 
+from .memtypes import MemoryType, load_types
 from .validation import Limits
 
 
@@ -45,15 +50,6 @@ class DaemonSettings(BaseModel):
         return self.socket or self.runtime_dir / "memosd.sock"
 
 
-class SearchSettings(BaseModel):
-    embedder: str = Field("minilm", description="Embedder plugin by name (`memos.embedders` entry points); 'none' turns search off.")
-    embedder_options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the embedder.")
-    ann_threshold: int = Field(50_000, description="Cubes with more searchable memories use the HNSW index.")
-    oversample: int = Field(4, description="Candidates fetched per wanted result before filters apply.")
-    ready_timeout_s: float = Field(60.0, description="How long a search waits for a loading model or index.")
-    max_index_lag: int = Field(20_000, description="Committed memories the indexer may fall behind before writes wait.")
-
-
 class StoreSettings(BaseModel):
     map_size: int = Field(64 << 30, description="Initial LMDB map size in bytes (sparse; grows when full).")
 
@@ -66,7 +62,7 @@ class Settings(BaseSettings):
     daemon: DaemonSettings = Field(default_factory=DaemonSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     limits: Limits = Field(default_factory=Limits)
-    search: SearchSettings = Field(default_factory=SearchSettings)
+    # Each memory type with settings adds its own section (see settings_class).
 
     @classmethod
     def settings_customise_sources(
@@ -89,15 +85,40 @@ def _config_file() -> Path:
     return Path(str(resources.files("memos.etc") / "memosd.toml"))
 
 
-def load(config: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
-    """Read settings from ``config`` (or the default file), the environment and overrides."""
+def settings_class(types: Mapping[str, type[MemoryType]]) -> type[Settings]:
+    """Settings with a section for each memory type that has settings (``[search]`` for plaintext...)."""
+    sections: dict[str, Any] = {}
+    for name, cls in types.items():
+        if cls.settings_model is not None:
+            section = type_section(cls)
+            sections[section] = (cls.settings_model, Field(default_factory=cls.settings_model,
+                                                           description=f"Settings of the {name} memory type."))
+    return create_model("Settings", __base__=Settings, **sections) if sections else Settings
+
+
+def type_section(cls: type[MemoryType]) -> str:
+    return cls.config_section or cls.name
+
+
+def type_settings(settings: Settings, cls: type[MemoryType]) -> BaseModel | None:
+    """A memory type's own section of the settings."""
+    return None if cls.settings_model is None else getattr(settings, type_section(cls))
+
+
+def load(config: str | os.PathLike[str] | None = None, types: Mapping[str, type[MemoryType]] | None = None,
+         **overrides: Any) -> Settings:
+    """Read settings from ``config`` (or the default file), the environment and overrides.
+
+    ``types``: memory-type classes whose sections to read; default: every registered one.
+    """
     global _explicit_file
     if config is not None and not Path(config).is_file():
         from .errors import InvalidRequest
 
         raise InvalidRequest(f"config file {config} does not exist")
+    cls = settings_class(load_types() if types is None else types)
     _explicit_file = Path(config) if config is not None else None
     try:
-        return Settings(**overrides)
+        return cls(**overrides)
     finally:
         _explicit_file = None

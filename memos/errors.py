@@ -105,6 +105,12 @@ class Timeout(Unavailable, TimeoutError):
     code = "timeout"
 
 
+class Cancelled(MemosError):
+    """A job was cancelled before it finished."""
+
+    code = "cancelled"
+
+
 class InternalError(MemosError):
     """A bug: something failed that should not have."""
 

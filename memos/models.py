@@ -31,10 +31,8 @@ def plain(value: Any) -> Any:
     return value
 
 
-class MemoryType(StrEnum):
-    plaintext = "plaintext"
-    activation = "activation"
-    parameter = "parameter"
+# The type of a memory added without one. Types are plugins (memos.memtypes); this is only a name.
+DEFAULT_TYPE = "plaintext"
 
 
 class Status(StrEnum):
@@ -104,7 +102,7 @@ STATE_FIELDS = (
 class Memory(_Model):
     id: str
     cube: str
-    type: MemoryType = MemoryType.plaintext
+    type: str = DEFAULT_TYPE  # a registered memory type's name
     text: str | None = None
     blob: BlobRef | None = None
     tags: list[str] = Field(default_factory=list)
@@ -190,6 +188,17 @@ class AuditRecord(_Model):
     def body_bytes(self) -> bytes:
         """What the chain hashes: every field but the hash itself."""
         return codec.pack(self.model_dump(mode="json", exclude={"hash"}))
+
+
+class Event(_Model):
+    """A change, published on the events socket under its cube's name once it is durable."""
+
+    op: str
+    cube: str
+    actor: str
+    time: float
+    version: int
+    memories: list[str] = Field(default_factory=list)
 
 
 class Checkpoint(_Model):

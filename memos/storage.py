@@ -40,10 +40,10 @@ DATABASES: dict[str, str] = {
     "agents": "agent name -> Agent record (hashed token, created)",
     "requests": "agent\\0request id -> {time, reply}: a write's stored reply (idempotent retries)",
     "request_times": "u64 ms stored + agent\\0request id -> '' (stored replies oldest first, for pruning)",
-    "vectors": "embedder identity hash + sha256 of a search key -> float32 vector",
 }
+# Memory types declare their own sub-databases; they are opened as "<type>/<name>".
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # from-version -> function upgrading a store in place to from-version + 1.
 Migration = Callable[["Store", lmdb.Transaction], None]
@@ -60,7 +60,19 @@ def _index_stored_replies(store: Store, txn: lmdb.Transaction) -> None:
         txn.put(request_time_key(codec.unpack(raw)["time"], bytes(key)), b"", db=store.db["request_times"])
 
 
-MIGRATIONS: dict[int, Migration] = {1: _index_stored_replies}
+def _vectors_to_plaintext(store: Store, txn: lmdb.Transaction) -> None:
+    """Schema 3: sub-databases of memory types are named "<type>/<name>": ``vectors`` is plaintext's."""
+    try:
+        old = store.env.open_db(b"vectors", txn=txn, create=False)
+    except lmdb.NotFoundError:
+        return
+    new = store.env.open_db(b"plaintext/vectors", txn=txn)
+    for key, value in txn.cursor(db=old):
+        txn.put(key, value, db=new)
+    txn.drop(old, delete=True)
+
+
+MIGRATIONS: dict[int, Migration] = {1: _index_stored_replies, 2: _vectors_to_plaintext}
 
 
 @dataclass(frozen=True)
@@ -157,8 +169,11 @@ class _Snapshot:
 class Store:
     """An LMDB environment with the sub-databases memos declares."""
 
-    def __init__(self, path: str | os.PathLike[str], options: StoreOptions | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], options: StoreOptions | None = None,
+                 extra_databases: dict[str, str] | None = None) -> None:
+        """``extra_databases``: the sub-databases of memory types, "<type>/<name>" -> what they hold."""
         self.path = os.fspath(path)
+        self.databases = {**DATABASES, **(extra_databases or {})}
         self.options = options or StoreOptions()
         self._gate = _ResizeGate()
         os.makedirs(self.path, mode=0o700, exist_ok=True)
@@ -167,7 +182,7 @@ class Store:
             self.env = lmdb.open(
                 self.path,
                 map_size=self.options.map_size,
-                max_dbs=len(DATABASES) + 4,
+                max_dbs=len(self.databases) + 8,
                 max_readers=self.options.max_readers,
                 mode=0o600,
                 sync=self.options.sync,
@@ -179,7 +194,7 @@ class Store:
             stale = self.env.reader_check()  # slots of readers that died holding them
             if stale:
                 log.warning("cleared %d stale LMDB reader slots", stale)
-            self.db = {name: self.env.open_db(name.encode()) for name in DATABASES}
+            self.db = {name: self.env.open_db(name.encode()) for name in self.databases}
             self._migrate()
         except BaseException as exc:
             # An environment left open blocks every later open of this path in

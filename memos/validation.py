@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 from . import codec
 from .errors import InvalidRequest, TooLarge
 from .ids import is_id
-from .models import NAME_PATTERN, TAG_PATTERN, MemoryType, Role, Status
+from .models import NAME_PATTERN, TAG_PATTERN, Role, Status
 
 
 class Limits(BaseModel):
@@ -54,10 +54,9 @@ def version(value: Any, what: str = "version") -> int:
     return value
 
 
-def text(value: Any, limits: Limits, required: bool) -> str | None:
+def text(value: Any, limits: Limits) -> str | None:
+    """A memory's text (optional here: its type says whether it needs one)."""
     if value is None:
-        if required:
-            raise InvalidRequest("text is required for a plaintext memory", field="text")
         return None
     if not isinstance(value, str):
         raise InvalidRequest(f"text must be a string, not {type(value).__name__}", field="text")
@@ -70,8 +69,6 @@ def text(value: Any, limits: Limits, required: bool) -> str | None:
             f"text of {size} bytes exceeds the limit of {limits.max_text_bytes}",
             field="text", size=size, limit=limits.max_text_bytes,
         )
-    if required and not value.strip():
-        raise InvalidRequest("text is empty", field="text")
     return value
 
 
@@ -126,13 +123,6 @@ def _check_plain(value: Any, depth: int = 0) -> None:
             _check_plain(v, depth + 1)
         return
     raise InvalidRequest(f"metadata values must be plain data, not {type(value).__name__}", field="metadata")
-
-
-def memory_type(value: Any) -> MemoryType:
-    try:
-        return MemoryType(value)
-    except ValueError:
-        raise InvalidRequest(f"memory type must be one of {[t.value for t in MemoryType]}", field="type") from None
 
 
 def status(value: Any) -> Status:

@@ -12,7 +12,6 @@ import time
 import pytest
 
 from conftest import ALICE
-from memos.api import NewMemory
 from memos.daemon import writer as writer_module
 from memos.daemon.writer import Job, Writer
 
@@ -27,7 +26,7 @@ def writer(memos, cube):
 def _add(writer: Writer, cube: str, rid: str, text: str) -> dict:
     """Run one add through the writer's commit path; its reply."""
     replies: list[dict] = []
-    write = writer.memos.write_add(ALICE, cube, NewMemory(text=text), request_id=rid)
+    write = writer.memos.write_add(ALICE, cube, text, request_id=rid)
     writer._commit([Job(ALICE, rid, write, replies.append)])
     assert len(replies) == 1
     return replies[0]
@@ -94,7 +93,7 @@ def test_the_writer_thread_prunes_on_its_own(writer, cube, monkeypatch):
     try:
         done: list[dict] = []
         for i in range(3):
-            write = writer.memos.write_add(ALICE, cube, NewMemory(text=f"memory {i}"), request_id=f"r{i}")
+            write = writer.memos.write_add(ALICE, cube, f"memory {i}", request_id=f"r{i}")
             writer.submit(Job(ALICE, f"r{i}", write, done.append))
         deadline = time.monotonic() + 10
         while len(done) < 3 and time.monotonic() < deadline:
@@ -117,19 +116,19 @@ def test_read_counts_reach_the_store_without_a_write(writer, cube, monkeypatch):
     writer.start()
     try:
         deadline = time.monotonic() + 10
-        while writer.memos._usage.peek(cube, memory.id)[0] and time.monotonic() < deadline:
+        while writer.memos.core.usage.peek(cube, memory.id)[0] and time.monotonic() < deadline:
             time.sleep(0.02)
     finally:
         writer.stop()
     with writer.memos.store.read() as txn:
-        assert writer.memos._usage_plain(txn, cube, memory.id)["reads"] == 3
-    assert writer.memos._usage.peek(cube, memory.id) == (0, None)  # all of it from the store
+        assert writer.memos.core.usage.plain(txn, cube, memory.id)["reads"] == 3
+    assert writer.memos.core.usage.peek(cube, memory.id) == (0, None)  # all of it from the store
 
 
 def test_backlog_batches_leave_read_counts_to_the_regular_pass(writer, cube):
     memory = writer.memos.add(ALICE, cube, "read me")
     writer.memos.get(ALICE, cube, memory.id)
     writer._housekeeping(backlog=True)  # working off expired replies: one commit a batch
-    assert writer.memos._usage.peek(cube, memory.id)[0] == 1
+    assert writer.memos.core.usage.peek(cube, memory.id)[0] == 1
     writer._housekeeping(backlog=False)
-    assert writer.memos._usage.peek(cube, memory.id) == (0, None)
+    assert writer.memos.core.usage.peek(cube, memory.id) == (0, None)

@@ -17,7 +17,7 @@ ID = "01HZZZZZZZZZZZZZZZZZZZZZZZ"  # well-formed, never issued
 def populated(memos, cube):
     memos.create_cube(ALICE, "other")
     first = memos.add(ALICE, cube, "first", tags=["t"])
-    memos.add(ALICE, cube, None, type="activation", blob=b"kv" * 100)
+    memos.add(ALICE, cube, None, type="opaque", blob=b"kv" * 100)
     memos.update(ALICE, cube, first.id, text="first, edited")
     memos.get(ALICE, cube, first.id)
     memos.flush_usage()
@@ -81,7 +81,7 @@ CASES = {
     "add_many bad item": (lambda m, c, i: m.add_many(ALICE, c, [NewMemory(text="ok"), NewMemory(tags="x", text="y")]),
                           InvalidRequest, "invalid_request"),
     "unknown type": (lambda m, c, i: m.add(ALICE, c, "x", type="episodic"), InvalidRequest, "invalid_request"),
-    "blob not bytes": (lambda m, c, i: m.add(ALICE, c, None, type="activation", blob="text"), InvalidRequest, "invalid_request"),
+    "blob not bytes": (lambda m, c, i: m.add(ALICE, c, None, type="opaque", blob="text"), InvalidRequest, "invalid_request"),
     "unknown status": (lambda m, c, i: m.update(ALICE, c, i, status="gone"), InvalidRequest, "invalid_request"),
     "sources not a list": (lambda m, c, i: m.add(ALICE, c, "x", sources="abc"), InvalidRequest, "invalid_request"),
     "source missing": (lambda m, c, i: m.add(ALICE, c, "x", sources=[{"memory_id": ID, "version": 1}]), NotFound, "not_found"),
@@ -123,10 +123,10 @@ def test_bad_input_is_typed_and_changes_nothing(populated, case):
 def test_failed_unit_in_a_group_commit_leaves_the_others(populated):
     m, cube, mid = populated
     writes = [
-        m.write_add(ALICE, cube, NewMemory(text="good 1")),
+        m.write_add(ALICE, cube, "good 1"),
         m.write_create_cube(ALICE, "bad\ud800"),
-        m.write_add(ALICE, cube, NewMemory(text=123)),
-        m.write_add(ALICE, cube, NewMemory(text="good 2")),
+        m.write_add(ALICE, cube, 123),
+        m.write_add(ALICE, cube, "good 2"),
     ]
     results = m.apply(writes)
     assert [type(r).__name__ for r in results] == ["Memory", "InvalidRequest", "InvalidRequest", "Memory"]

@@ -192,7 +192,7 @@ def test_map_grows_for_a_large_blob(store_dir):
     m = Memos(store_dir, options=StoreOptions(map_size=64 * 1024))
     m.create_cube(ALICE, "c")
     small = m.add(ALICE, "c", "before the blob")
-    mem = m.add(ALICE, "c", None, type="activation", blob=data)
+    mem = m.add(ALICE, "c", None, type="opaque", blob=data)
     assert m.store.env.info()["map_size"] >= 1 << 20
     assert m.get_blob(ALICE, "c", mem.blob.sha256) == data
     m.close()
@@ -201,7 +201,7 @@ def test_map_grows_for_a_large_blob(store_dir):
         assert m.get(ALICE, "c", small.id).text == "before the blob"
         assert m.get_cube(ALICE, "c").version == 2
         # Still growing after a reopen with a small map.
-        big = m.add(ALICE, "c", None, type="parameter", blob=os.urandom(2 << 20))
+        big = m.add(ALICE, "c", None, type="opaque", blob=os.urandom(2 << 20))
         assert len(m.get_blob(ALICE, "c", big.blob.sha256)) == 2 << 20
 
 
@@ -209,8 +209,8 @@ def test_map_growth_replays_a_group_commit(store_dir):
     """A group commit that fills the map is replayed whole: every unit lands once."""
     m = Memos(store_dir, options=StoreOptions(map_size=64 * 1024))
     m.create_cube(ALICE, "c")
-    writes = [m.write_add(ALICE, "c", NewMemory(text=f"w{i} " + "y" * 500)) for i in range(100)]
-    writes.append(m.write_add(ALICE, "missing", NewMemory(text="fails")))
+    writes = [m.write_add(ALICE, "c", f"w{i} " + "y" * 500) for i in range(100)]
+    writes.append(m.write_add(ALICE, "missing", "fails"))
     results = m.apply(writes)
     assert [r.text.split()[0] for r in results[:100]] == [f"w{i}" for i in range(100)]
     assert results[100].code == "not_found"
@@ -236,7 +236,7 @@ import os, sys
 from memos.api import LOCAL_ADMIN, Memos
 from memos.storage import StoreOptions
 with Memos(sys.argv[1], options=StoreOptions(map_size=64 * 1024)) as m:
-    mem = m.add(LOCAL_ADMIN, "c", None, type="activation", blob=os.urandom(3 << 20))
+    mem = m.add(LOCAL_ADMIN, "c", None, type="opaque", blob=os.urandom(3 << 20))
     print(m.store.env.info()["map_size"], mem.id, flush=True)
 """
 
@@ -295,11 +295,11 @@ def test_replay_after_map_growth_keeps_iterator_arguments(store_dir):
         # The iterator units run first, then the fillers overflow the map.
         writes = [
             m.write_update(ALICE, "c", b.id, tags=iter(["from", "iterator"])),
-            m.write_add(ALICE, "c", NewMemory(text="derived", tags=iter(["t"]),
-                                              sources=iter([{"memory_id": a.id, "version": 1}]))),
+            m.write_add(ALICE, "c", "derived", tags=iter(["t"]),
+                        sources=iter([{"memory_id": a.id, "version": 1}])),
             m.write_rollback(ALICE, "c", 1, memory_ids=iter([a.id])),
         ]
-        writes += [m.write_add(ALICE, "c", NewMemory(text=f"filler {i} " + "z" * 30_000)) for i in range(40)]
+        writes += [m.write_add(ALICE, "c", f"filler {i} " + "z" * 30_000) for i in range(40)]
         results = m.apply(writes)
         assert m.store.env.info()["map_size"] > start  # the group was replayed
         assert not [r for r in results if isinstance(r, Exception)]

@@ -11,7 +11,7 @@ from conftest import ALICE, BOB
 from memos.api import Memos, NewMemory
 from memos.errors import Conflict, Denied, InvalidRequest, NotFound
 from memos.ids import is_id
-from memos.models import Memory, MemoryType, SourceRef, Status
+from memos.models import Memory, SourceRef, Status
 
 
 # -- memories ----------------------------------------------------------------
@@ -23,7 +23,7 @@ def test_add_and_get(memos, cube):
     assert mem.version == 1
     got = memos.get(ALICE, cube, mem.id)
     assert (got.text, got.tags, got.metadata, got.status) == ("the sky is blue", ["fact", "sky"], {"n": 1}, Status.active)
-    assert got.type is MemoryType.plaintext
+    assert got.type == "plaintext"
     assert got.state_bytes() == mem.state_bytes()
     assert got.content_hash == hashlib.sha256(mem.state_bytes()).hexdigest()
 
@@ -122,18 +122,23 @@ def test_memories_are_per_cube(memos, cube):
 # -- blobs -------------------------------------------------------------------
 
 
-def test_activation_and_parameter_memories_need_a_blob(memos, cube):
-    for kind in ("activation", "parameter"):
-        with pytest.raises(InvalidRequest) as err:
-            memos.add(ALICE, cube, None, type=kind)
-        assert err.value.details["field"] == "blob"
+def test_each_type_validates_its_items(memos, cube):
+    with pytest.raises(InvalidRequest) as err:  # the opaque test type needs a blob
+        memos.add(ALICE, cube, None, type="opaque")
+    assert err.value.details["field"] == "blob"
+    with pytest.raises(InvalidRequest) as err:  # plaintext needs a text
+        memos.add(ALICE, cube, None)
+    assert err.value.details["field"] == "text"
+    with pytest.raises(InvalidRequest) as err:  # and only registered types exist
+        memos.add(ALICE, cube, "x", type="activation-of-nothing")
+    assert err.value.details["field"] == "type"
     assert memos.list(ALICE, cube, status=None) == []
 
 
 def test_blob_is_content_addressed_and_deduplicated(memos, cube):
     data = b"\x00kv-cache\xff" * 1000
-    a = memos.add(ALICE, cube, None, type="activation", blob=data, media_type="application/x-kv")
-    b = memos.add(ALICE, cube, "same adapter", type="parameter", blob=data)
+    a = memos.add(ALICE, cube, None, type="opaque", blob=data, media_type="application/x-kv")
+    b = memos.add(ALICE, cube, "same adapter", type="opaque", blob=data)
     assert a.blob.sha256 == b.blob.sha256 == hashlib.sha256(data).hexdigest()
     assert a.blob.size == len(data) and a.blob.media_type == "application/x-kv"
     assert memos.get_blob(ALICE, cube, a.blob.sha256) == data
@@ -148,7 +153,7 @@ def test_blob_is_content_addressed_and_deduplicated(memos, cube):
 
 def test_blob_survives_update_delete_and_rollback(memos, cube):
     data = b"layer tensors" * 500
-    mem = memos.add(ALICE, cube, None, type="activation", blob=data)
+    mem = memos.add(ALICE, cube, None, type="opaque", blob=data)
     sha = mem.blob.sha256
 
     def refs() -> int:
@@ -175,7 +180,7 @@ def test_blob_survives_update_delete_and_rollback(memos, cube):
 def test_blob_needs_read_access_to_a_cube_that_uses_it(memos, cube):
     secret = b"bob's private kv cache"
     memos.create_cube(BOB, "bobs")
-    mem = memos.add(BOB, "bobs", None, type="activation", blob=secret)
+    mem = memos.add(BOB, "bobs", None, type="opaque", blob=secret)
     # alice can read her own cube, but the blob belongs to bob's cube only.
     with pytest.raises(NotFound):
         memos.get_blob(ALICE, cube, mem.blob.sha256)

@@ -1,0 +1,252 @@
+"""Every operation of the core, declared once: arguments, result, where it runs, who serves it.
+
+The concern that serves each group names it as its ``operations``
+(:class:`~memos.cubes.Cubes` serves ``CUBES_OPERATIONS``...); memory types
+declare theirs on their class. This module imports no storage or transport,
+so the client library derives its methods from it without loading either.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypedDict
+
+from pydantic import BaseModel, Field
+
+from .jobs import JobInfo
+from .models import (
+    DEFAULT_TYPE,
+    AuditRecord,
+    Checkpoint,
+    Commit,
+    Cube,
+    DiffEntry,
+    Memory,
+    VerifyReport,
+)
+from .operations import Args, NoArgs, Operation
+
+PROTOCOL_VERSION = 1
+
+
+class Pong(TypedDict):
+    pong: bool
+    pid: int
+    protocol: int
+
+
+class WhoAmI(TypedDict):
+    agent: str
+    admin: bool
+
+
+class JobArgs(Args):
+    id: str = Field(max_length=64)
+
+
+SESSION_OPERATIONS = (
+    Operation("ping", NoArgs, Pong, "inline", "Liveness check; returns the daemon's pid and protocol version.", "ping"),
+    Operation("whoami", NoArgs, WhoAmI, "inline", "The agent name (or admin) the daemon sees.", "whoami"),
+)
+
+JOB_OPERATIONS = (
+    Operation("jobs", NoArgs, list[JobInfo], "worker", "Background jobs on cubes the caller may read, with progress.",
+              "list_jobs"),
+    Operation("job_cancel", JobArgs, JobInfo, "worker",
+              "Ask a running job to stop (admin of its cube); it ends as `cancelled`.", "cancel_job", ("id",)),
+)
+
+
+Name = str  # checked by memos.validation; the schema only bounds the length
+RoleName = Literal["read", "write", "admin"]
+
+
+class CubeArgs(Args):
+    cube: Name = Field(max_length=200)
+
+
+class CubeCreateArgs(Args):
+    name: Name = Field(max_length=200)
+    settings: dict[str, Any] | None = None
+
+
+class GrantArgs(CubeArgs):
+    agent: Name = Field(max_length=200)
+    role: RoleName | None
+
+
+CUBES_OPERATIONS = (
+    Operation("cube_create", CubeCreateArgs, Cube, "writer", "Create a cube owned by the caller.",
+              "write_create_cube", ("name", "settings")),
+    Operation("cube_list", NoArgs, list[Cube], "worker", "Cubes the caller may read.", "list_cubes"),
+    Operation("cube_get", CubeArgs, Cube, "inline", "One cube: owner, ACL, version.", "get_cube", ("cube",)),
+    Operation("cube_grant", GrantArgs, Cube, "writer",
+              "Set or (role null) remove an agent's role (cube admin).", "write_grant", ("cube", "agent", "role")),
+)
+
+
+StatusName = Literal["active", "archived", "deleted"]
+
+
+class Source(Args):
+    memory_id: str = Field(max_length=64)
+    version: int = Field(ge=0)
+
+
+class NewMemoryArgs(Args):
+    text: str | None = None
+    type: str = Field(DEFAULT_TYPE, max_length=64)
+    tags: list[str] | None = None
+    metadata: dict[str, Any] | None = None
+    blob: bytes | None = None
+    media_type: str = Field("application/octet-stream", max_length=128)
+    sources: list[Source] = Field(default_factory=list)
+    policy: str | None = Field(None, max_length=64)
+    # A precomputed embedding of the text, for types that embed (checked by their prepare()).
+    vector: bytes | None = Field(None, max_length=16384, exclude=True)
+
+
+class AddArgs(NewMemoryArgs):
+    cube: str = Field(max_length=200)
+    embedder: str | None = Field(None, max_length=200, exclude=True)  # identity of the model that made ``vector``
+
+
+class AddManyArgs(Args):
+    cube: str = Field(max_length=200)
+    items: list[NewMemoryArgs | str]  # a text alone, or a map of add's fields
+    embedder: str | None = Field(None, max_length=200, exclude=True)
+
+
+class GetArgs(Args):
+    cube: str = Field(max_length=200)
+    id: str = Field(max_length=64)
+    at: int | None = Field(None, ge=0)
+    include_deleted: bool = False
+
+
+class UpdateArgs(Args):
+    cube: str = Field(max_length=200)
+    id: str = Field(max_length=64)
+    text: str | None = None
+    tags: list[str] | None = None
+    metadata: dict[str, Any] | None = None
+    status: StatusName | None = None
+    expected_version: int | None = Field(None, ge=0)
+
+
+class DeleteArgs(Args):
+    cube: str = Field(max_length=200)
+    id: str = Field(max_length=64)
+    expected_version: int | None = Field(None, ge=0)
+
+
+class ListArgs(Args):
+    cube: str = Field(max_length=200)
+    at: int | None = Field(None, ge=0)
+    status: StatusName | Literal["all"] = "active"
+    tag: str | None = Field(None, max_length=64)
+    limit: int | None = Field(None, ge=0)
+    after: str | None = Field(None, max_length=64)
+
+
+class BlobArgs(Args):
+    cube: str = Field(max_length=200)
+    sha256: str = Field(min_length=64, max_length=64)
+
+
+MEMORIES_OPERATIONS = (
+    Operation("add", AddArgs, Memory, "writer", "Add one memory; returns it with id and version.",
+              "write_add", ("cube", "text")),
+    Operation("add_many", AddManyArgs, list[Memory], "writer", "Add many memories in one commit.",
+              "write_add_many", ("cube", "items")),
+    Operation("get", GetArgs, Memory, "inline", "One memory, now or at version `at`.", "get_plain", ("cube", "id")),
+    Operation("update", UpdateArgs, Memory, "writer", "Change a memory's text, tags, metadata or status.",
+              "write_update", ("cube", "id", "text")),
+    Operation("delete", DeleteArgs, Memory, "writer", "Soft-delete a memory (history kept).",
+              "write_delete", ("cube", "id")),
+    Operation("list", ListArgs, list[Memory], "worker", "Memories in creation order, filtered.", "list", ("cube",)),
+    Operation("get_blob", BlobArgs, bytes, "worker", "A KV cache or adapter blob by sha256.",
+              "get_blob", ("cube", "sha256")),
+)
+
+
+class HistoryArgs(Args):
+    cube: str = Field(max_length=200)
+    memory_id: str | None = Field(None, max_length=64)
+    limit: int | None = Field(None, ge=1)
+    before: int | None = Field(None, ge=0)
+
+
+class DiffArgs(Args):
+    cube: str = Field(max_length=200)
+    v1: int = Field(ge=0)
+    v2: int = Field(ge=0)
+
+
+class RollbackArgs(Args):
+    cube: str = Field(max_length=200)
+    to_version: int = Field(ge=0)
+    memory_ids: list[str] | None = None
+
+
+VERSIONS_OPERATIONS = (
+    Operation("history", HistoryArgs, list[Commit], "worker", "Commits, newest first.", "history", ("cube",)),
+    Operation("diff", DiffArgs, list[DiffEntry], "worker", "Memories that differ between two versions.",
+              "diff", ("cube", "v1", "v2")),
+    Operation("rollback", RollbackArgs, Commit, "writer",
+              "Restore the cube or chosen memories to a version (cube admin).",
+              "write_rollback", ("cube", "to_version", "memory_ids")),
+)
+
+
+class VerifyArgs(Args):
+    checkpoint: dict[str, Any] | None = None
+
+
+class TailArgs(Args):
+    n: int = Field(20, ge=1, le=10_000)
+    after: int | None = Field(None, ge=0)
+
+
+AUDIT_OPERATIONS = (
+    Operation("audit_verify", VerifyArgs, VerifyReport, "worker", "Check the audit chain (admin).",
+              "audit_verify", ("checkpoint",)),
+    Operation("audit_tail", TailArgs, list[AuditRecord], "worker", "Last audit records (admin).",
+              "audit_tail", ("n",)),
+    Operation("audit_checkpoint", NoArgs, Checkpoint, "worker", "Export the audit head (admin).",
+              "audit_checkpoint"),
+)
+
+
+class Agent(BaseModel):
+    name: str
+    created_at: float
+    created_by: str
+
+
+class AgentToken(TypedDict):
+    name: str
+    token: str  # shown this once; only its hash is stored
+
+
+class AgentRemoved(TypedDict):
+    name: str
+    removed: bool
+
+
+class AgentArgs(Args):
+    name: str = Field(max_length=200)
+
+
+AGENTS_OPERATIONS = (
+    Operation("agent_add", AgentArgs, AgentToken, "writer", "Register an agent; returns its token (admin).",
+              "write_add", ("name",)),
+    Operation("agent_list", NoArgs, list[Agent], "worker", "Registered agents (admin).", "list"),
+    Operation("agent_remove", AgentArgs, AgentRemoved, "writer", "Revoke an agent's token (admin).",
+              "write_remove", ("name",)),
+)
+
+
+def core_operations() -> tuple[Operation, ...]:
+    """The core's operations, in the order the documentation lists them."""
+    return (SESSION_OPERATIONS + AGENTS_OPERATIONS + CUBES_OPERATIONS + MEMORIES_OPERATIONS
+            + VERSIONS_OPERATIONS + JOB_OPERATIONS + AUDIT_OPERATIONS)

@@ -1,0 +1,73 @@
+"""Cubes: creation, access lists, listing."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lmdb
+
+from . import catalog
+from . import validation as check
+from .access import Actor, may_read
+from .core import Applied, Core, Write
+from .errors import Conflict, InvalidRequest
+from .models import Commit, Cube, Role
+
+
+class Cubes:
+    operations = catalog.CUBES_OPERATIONS
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    def write_create_cube(self, actor: Actor, name: Any, settings: dict[str, Any] | None = None,
+                          request_id: str | None = None) -> Write:
+        core = self.core
+
+        def fn(txn: lmdb.Transaction) -> Applied:
+            cube_name = check.name(name, "cube")
+            if settings is not None and not isinstance(settings, dict):
+                raise InvalidRequest("settings must be a map", field="settings")
+            if core.ledger.has_cube(txn, cube_name):
+                raise Conflict(f"cube {cube_name!r} already exists", cube=cube_name)
+            now = time.time()
+            cube = Cube(name=cube_name, owner=actor.name, acl={actor.name: Role.admin},
+                        settings=check.metadata(settings, core.limits), version=0, created_at=now)
+            core.ledger.put_commit(txn, Commit(cube=cube_name, version=0, actor=actor.name,
+                                               time=now, op="create_cube"))
+            core.ledger.put_cube(txn, cube)
+            return Applied(cube, 0)
+
+        return Write(actor, "create_cube", name, fn, request_id)
+
+    def write_grant(self, actor: Actor, cube: Any, agent: Any, role: Any, request_id: str | None = None) -> Write:
+        """Give ``agent`` a role on ``cube``; ``role=None`` revokes."""
+        core = self.core
+
+        def fn(txn: lmdb.Transaction) -> Applied:
+            found = core.require(txn, actor, cube, Role.admin)
+            agent_name = check.name(agent, "agent")
+            if role is None:
+                found.acl.pop(agent_name, None)
+            else:
+                found.acl[agent_name] = check.role(role)
+            core.ledger.put_cube(txn, found)
+            return Applied(found, found.version,
+                           detail={"agent": agent_name, "role": None if role is None else str(role)})
+
+        return Write(actor, "grant", cube, fn, request_id)
+
+    def check_role(self, actor: Actor, cube: str, role: Role | str, op: str | None = None) -> Cube:
+        """The cube, if ``actor`` holds ``role`` on it (a refusal is audited as ``op``)."""
+        wanted = check.role(role)
+        return self.core.read(actor, op or f"check_{wanted.value}", cube,
+                              lambda txn: self.core.require(txn, actor, cube, wanted))
+
+    def get_cube(self, actor: Actor, cube: str) -> Cube:
+        return self.core.read(actor, "get_cube", cube, lambda txn: self.core.require(txn, actor, cube, Role.read))
+
+    def list_cubes(self, actor: Actor) -> list[Cube]:
+        """Cubes the actor may read."""
+        return self.core.read(actor, "list_cubes", None,
+                              lambda txn: [c for c in self.core.ledger.cubes(txn) if may_read(actor, c)])

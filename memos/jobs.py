@@ -1,0 +1,139 @@
+"""Long-running background work (index rebuilds, re-embedding, model builds): progress and cancellation.
+
+A job is started by whoever owns the work (a memory type, through its
+services) and runs on the shared model executor. It reports progress with
+:meth:`Progress.advance` and checks :meth:`Progress.check` between steps:
+once a client has asked to cancel it, ``check`` raises :class:`Cancelled`
+and the job ends in state ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, TypedDict
+
+from .errors import Cancelled, NotFound
+from .ids import new_id
+
+log = logging.getLogger("memos.jobs")
+
+JobState = Literal["running", "done", "failed", "cancelled"]
+
+
+class JobInfo(TypedDict):
+    """A job as clients see it (``Progress.to_wire``)."""
+
+    id: str
+    kind: str
+    cube: str | None
+    total: int
+    done: int
+    state: JobState
+    error: str | None
+    started: float
+    finished: float | None
+    detail: dict[str, Any]
+
+
+@dataclass
+class Progress:
+    """One job: what, on which cube, how far."""
+
+    kind: str
+    cube: str | None
+    total: int
+    id: str = field(default_factory=new_id)
+    done: int = 0
+    state: JobState = "running"
+    error: str | None = None
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    detail: dict[str, Any] = field(default_factory=dict)  # what the job reports besides a count (loss, ...)
+    cancel_requested: bool = False
+
+    def advance(self, n: int = 1, **detail: Any) -> None:
+        self.done += n
+        self.detail.update(detail)
+
+    def check(self) -> None:
+        """Raise Cancelled if a client asked to cancel this job: call it between steps."""
+        if self.cancel_requested:
+            raise Cancelled(f"job {self.id} was cancelled", job=self.id)
+
+    def finish(self) -> None:
+        self.state, self.finished, self.done = "done", time.time(), max(self.done, self.total)
+        log.info("job finished", extra={"job": self.id, "kind": self.kind, "cube": self.cube,
+                                        "seconds": round(self.finished - self.started, 3)})
+
+    def fail(self, exc: BaseException) -> None:
+        self.finished = time.time()
+        if isinstance(exc, Cancelled):
+            self.state = "cancelled"
+            log.info("job cancelled", extra={"job": self.id, "kind": self.kind, "cube": self.cube})
+            return
+        self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+        log.error("job failed", extra={"job": self.id, "kind": self.kind, "cube": self.cube, "error": self.error})
+
+    def to_wire(self) -> dict[str, Any]:
+        out = asdict(self)
+        del out["cancel_requested"]
+        return out
+
+
+class Jobs:
+    """Every job since start-up (finished ones are kept, newest last, up to ``keep``)."""
+
+    def __init__(self, keep: int = 200) -> None:
+        self._jobs: list[Progress] = []
+        self._lock = threading.Lock()
+        self.keep = keep
+
+    def start(self, kind: str, cube: str | None, total: int) -> Progress:
+        """Record a job that the caller runs itself, reporting through the returned Progress."""
+        job = Progress(kind=kind, cube=cube, total=total)
+        with self._lock:
+            self._jobs.append(job)
+            finished = [j for j in self._jobs if j.state != "running"]
+            while len(self._jobs) > self.keep and finished:
+                self._jobs.remove(finished.pop(0))
+        log.info("job started", extra={"job": job.id, "kind": kind, "cube": cube, "total": total})
+        return job
+
+    def run(self, executor: Executor, kind: str, cube: str | None, total: int,
+            work: Callable[[Progress], Any]) -> tuple[Progress, Future]:
+        """Start ``work(progress)`` on ``executor`` as a job; it finishes, fails or is cancelled by itself."""
+        job = self.start(kind, cube, total)
+
+        def run() -> Any:
+            try:
+                job.check()  # cancelled while queued
+                result = work(job)
+            except BaseException as exc:
+                job.fail(exc)
+                raise
+            job.finish()
+            return result
+
+        return job, executor.submit(run)
+
+    def get(self, job_id: str) -> Progress:
+        with self._lock:
+            for job in self._jobs:
+                if job.id == job_id:
+                    return job
+        raise NotFound(f"no job {job_id}", job=job_id)
+
+    def cancel(self, job_id: str) -> Progress:
+        """Ask a running job to stop at its next check; a finished job is left as it is."""
+        job = self.get(job_id)
+        job.cancel_requested = job.state == "running"
+        return job
+
+    def list(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [j.to_wire() for j in self._jobs]

@@ -1,0 +1,112 @@
+"""Versions: a cube's history, the diff of two versions, and rollback by a new commit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import lmdb
+
+from . import catalog, codec
+from . import validation as check
+from .access import Actor
+from .core import Applied, Core, Write
+from .errors import InvalidRequest, NotFound
+from .ledger import ABSENT
+from .memories import _once, version_in
+from .models import Change, Commit, DiffEntry, Memory, Role
+
+
+class Versions:
+    operations = catalog.VERSIONS_OPERATIONS
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    def history(self, actor: Actor, cube: str, *, memory_id: str | None = None,
+                limit: int | None = None, before: int | None = None) -> list[Commit]:
+        """Commits newest first; with ``memory_id``, only those that touched it."""
+        ledger = self.core.ledger
+
+        def fn(txn: lmdb.Transaction) -> list[Commit]:
+            found = self.core.require(txn, actor, cube, Role.read, shared=True)
+            if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+                raise InvalidRequest("limit must be a positive integer", field="limit")
+            hi = found.version if before is None else check.version(before, "before") - 1
+            if memory_id is not None:
+                wanted = check.memory_id(memory_id)
+                versions = [v for v in ledger.memory_versions(txn, found.name, wanted) if v <= hi]
+                if not versions and hi >= found.version:
+                    raise NotFound(f"no memory {wanted} in cube {found.name!r}", memory=wanted)
+                versions.reverse()
+                return [ledger.commit(txn, found.name, v) for v in versions[:limit]]
+            out = []
+            for commit in ledger.commits(txn, found.name, 0, hi, newest_first=True):
+                out.append(commit)
+                if limit is not None and len(out) >= limit:
+                    break
+            return out
+
+        return self.core.read(actor, "history", cube, fn)
+
+    def diff(self, actor: Actor, cube: str, v1: int, v2: int) -> list[DiffEntry]:
+        """What changed from version ``v1`` to ``v2`` (either order)."""
+        ledger = self.core.ledger
+
+        def fn(txn: lmdb.Transaction) -> list[DiffEntry]:
+            found = self.core.require(txn, actor, cube, Role.read, shared=True)
+            a, b = version_in(found, v1), version_in(found, v2)
+            out = []
+            for memory_id in ledger.touched_between(txn, found.name, min(a, b), max(a, b)):
+                old = ledger.state_at(txn, found.name, memory_id, a)
+                new = ledger.state_at(txn, found.name, memory_id, b)
+                if (old and old[1]) == (new and new[1]):
+                    continue
+                before = Memory.from_state_bytes(old[1], old[0]) if old else None
+                after = Memory.from_state_bytes(new[1], new[0]) if new else None
+                change = "added" if before is None else "removed" if after is None else "modified"
+                out.append(DiffEntry(memory_id=memory_id, change=change, before=before, after=after))
+            return out
+
+        return self.core.read(actor, "diff", cube, fn)
+
+    def write_rollback(self, actor: Actor, cube: Any, to_version: Any,
+                       memory_ids: Sequence[str] | None = None, request_id: str | None = None) -> Write:
+        """Restore the cube (or chosen memories) to ``to_version`` by a new commit."""
+        core, ledger = self.core, self.core.ledger
+        memory_ids = _once(memory_ids)
+
+        def fn(txn: lmdb.Transaction) -> Applied:
+            found = core.require(txn, actor, cube, Role.admin)
+            target = version_in(found, to_version)
+            touched = ledger.touched_between(txn, found.name, target, found.version)
+            chosen: list[str] = []
+            if memory_ids is not None:
+                if isinstance(memory_ids, (str, bytes)) or not isinstance(memory_ids, Iterable):
+                    raise InvalidRequest("memory_ids must be a list of ids", field="memory_ids")
+                chosen = [check.memory_id(m) for m in memory_ids]
+                for memory_id in chosen:
+                    if not ledger.memory_versions(txn, found.name, memory_id):
+                        raise NotFound(f"no memory {memory_id} in cube {found.name!r}", memory=memory_id)
+                touched = [m for m in touched if m in set(chosen)]
+            version = found.version + 1
+            changes = []
+            for memory_id in touched:
+                old = ledger.state_at(txn, found.name, memory_id, target)
+                now = ledger.head(txn, found.name, memory_id)
+                old_state = old[1] if old else ABSENT
+                now_state = now[1] if now else ABSENT
+                if old_state == now_state:
+                    continue
+                blob = Memory.from_state_bytes(old_state, target).blob if old_state else None
+                ledger.write_state(txn, found.name, memory_id, version, old_state, blob.sha256 if blob else None)
+                changes.append(Change(
+                    memory_id=memory_id,
+                    before=codec.sha256_hex(now_state) if now_state else None,
+                    after=codec.sha256_hex(old_state) if old_state else None,
+                ))
+            info = {"to_version": target, "memory_ids": None if memory_ids is None else chosen}
+            commit = core.commit(txn, actor, found, "rollback", changes, info)
+            return Applied(commit, version, [c.memory_id for c in changes], {"to_version": target})
+
+        return Write(actor, "rollback", cube, fn, request_id)
