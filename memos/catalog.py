@@ -8,9 +8,10 @@ so the client library derives its methods from it without loading either.
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+from typing_extensions import TypedDict
 
 from .jobs import JobInfo
 from .models import (

@@ -15,7 +15,9 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal
+
+from typing_extensions import TypedDict
 
 from .errors import Cancelled, NotFound
 from .ids import new_id

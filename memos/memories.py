@@ -244,10 +244,14 @@ class Memories:
 
     def get_many(self, actor: Actor, cube: str, memory_ids: Iterable[str], at: int | None = None) -> dict[str, Memory]:
         """Several memories in one snapshot (missing ones left out); counts no reads."""
-        def fn(txn: lmdb.Transaction) -> dict[str, Memory]:
+        return {k: Memory.model_validate(v) for k, v in self.get_many_plain(actor, cube, memory_ids, at).items()}
+
+    def get_many_plain(self, actor: Actor, cube: str, memory_ids: Iterable[str],
+                       at: int | None = None) -> dict[str, dict[str, Any]]:
+        """``get_many`` as plain data (``Memory.model_dump(mode="json")``, usage left out)."""
+        def fn(txn: lmdb.Transaction) -> dict[str, dict[str, Any]]:
             found = self.core.require(txn, actor, cube, Role.read, shared=True)
-            return {k: Memory.model_validate(v) for k, v in
-                    rows_at(self.core, txn, found, memory_ids, None if at is None else version_in(found, at)).items()}
+            return rows_at(self.core, txn, found, memory_ids, None if at is None else version_in(found, at))
 
         return self.core.read(actor, "get_many", cube, fn)
 

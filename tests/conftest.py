@@ -4,8 +4,17 @@ that capture everything a caller can observe so tests can assert "unchanged"."""
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Memory types of the tests' own (tests/toytype: each package beside its dist-info with the
+# entry point), registered like installed types. On the path before anything imports
+# memos.client, whose methods come from every registered type's operations.
+TOYTYPE = Path(__file__).resolve().parent / "toytype"
+if str(TOYTYPE) not in sys.path:
+    sys.path.insert(0, str(TOYTYPE))
 
 import pytest
 

@@ -33,6 +33,7 @@ from memos.errors import MemosError
 from memos.ids import new_id
 
 ROOT = Path(__file__).resolve().parent.parent
+TOYTYPE = ROOT / "tests" / "toytype"
 MEMOSD = [sys.executable, "-m", "memos.daemon.main"]
 
 
@@ -61,6 +62,9 @@ class Daemon:
         # torch in every one of them would only slow the suite down.
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "MEMOS_SEARCH__EMBEDDER": "hashing",
                     **self.env, **(env or {})}
+        # The tests' own memory types (tests/toytype) are registered in the daemon too.
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            [str(TOYTYPE), *filter(None, full_env.get("PYTHONPATH", "").split(os.pathsep))])
         args = [*MEMOSD, "--data-dir", str(data_dir or self.data_dir), "--socket", str(socket or self.socket), *extra]
         with open(log, "wb") as out:
             return subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)

@@ -39,8 +39,8 @@ def test_events_arrive_for_the_subscribed_cube_only(daemon):  # noqa: F811
             await client.add("async-ev-other", "not for us")
             m = await client.add("async-ev", "for us")
             event = await asyncio.wait_for(first, 10)
-            assert event["cube"] == "async-ev" and event["op"] == "add"
-            assert event["memories"] == [m.id] and event["version"] == m.version
+            assert event.cube == "async-ev" and event.op == "add"
+            assert event.memories == [m.id] and event.version == m.version
             await events.aclose()
 
     asyncio.run(main())

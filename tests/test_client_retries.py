@@ -51,12 +51,12 @@ def test_resends_with_the_same_id_and_drops_replies_to_other_requests(tmp_path):
         peer.request()  # first try: no answer, so the client times out and resends
         identity, message = peer.request()
         peer.reply(identity, "an-abandoned-request", {"pong": "stale"})  # must be ignored
-        peer.reply(identity, message["id"], {"pong": True})
+        peer.reply(identity, message["id"], {"pong": True, "pid": 7, "protocol": 1})
 
     peer = Peer(tmp_path / "s.sock", script)
     client = Client(tmp_path / "s.sock", timeout=0.3, retries=1)
     try:
-        assert client.ping() == {"pong": True}
+        assert client.ping() == {"pong": True, "pid": 7, "protocol": 1}
     finally:
         client.close()
         peer.close()

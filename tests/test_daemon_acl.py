@@ -81,7 +81,7 @@ def test_agent_admin_ops_need_local_admin(daemon, admin):
         with pytest.raises(Denied) as info:
             call()
         assert type(info.value) is Denied
-    assert "acl-sneaky" not in [a["name"] for a in admin.agent_list()]
+    assert "acl-sneaky" not in [a.name for a in admin.agent_list()]
     ops = {r.op for r in admin.audit_tail(200, after=since) if r.outcome == "denied" and r.actor == "acl-mallory"}
     assert {"agent_add", "agent_remove", "audit_verify", "audit_tail"} <= ops
 

@@ -22,7 +22,7 @@ def everything(admin: Client) -> dict:
     """What a restart must keep, as plain data."""
     out: dict = {"cubes": sorted((c.name, c.owner, sorted((k, v.value) for k, v in c.acl.items()), c.version)
                                  for c in admin.cube_list()),
-                 "agents": sorted(a["name"] for a in admin.agent_list())}
+                 "agents": sorted(a.name for a in admin.agent_list())}
     for c in admin.cube_list():
         out[f"memories:{c.name}"] = [m.model_dump(exclude={"usage"}) for m in admin.list(c.name, status="all")]
         out[f"history:{c.name}"] = [h.model_dump() for h in admin.history(c.name)]
@@ -36,7 +36,7 @@ def test_restart_keeps_everything(fresh_daemon):
     kept = admin.add("life", "kept", tags=["a"], metadata={"n": 1})
     admin.add_many("life", ["two", "three"])
     admin.update("life", kept.id, text="kept v2")
-    blob = admin.add("life", "blob", type="activation", blob=b"\x01\x02" * 1000)
+    blob = admin.add("life", "blob", type="opaque", blob=b"\x01\x02" * 1000)
     token = admin.agent_add("life-reader")["token"]
     admin.cube_grant("life", "life-reader", "read")
     with d.raw() as raw:

@@ -97,11 +97,11 @@ def test_blobs(admin):
     c = "ops-blob"
     admin.cube_create(c)
     data = bytes(range(256)) * 64
-    m = admin.add(c, "kv cache", type="activation", blob=data, media_type="application/x-kv")
+    m = admin.add(c, "kv cache", type="opaque", blob=data, media_type="application/x-kv")
     assert m.blob is not None and m.blob.size == len(data)
     assert admin.get_blob(c, m.blob.sha256) == data
     with pytest.raises(InvalidRequest):
-        admin.add(c, "no blob", type="activation")
+        admin.add(c, "no blob", type="opaque")
     with pytest.raises(NotFound):
         admin.get_blob(c, "0" * 64)
 
@@ -148,7 +148,7 @@ def test_whoami_and_agents(daemon, admin):
     token = admin.agent_add("ops-who")["token"]
     assert token.startswith("ops-who.")
     assert daemon.client(token=token).whoami() == {"agent": "ops-who", "admin": False}
-    assert "ops-who" in [a["name"] for a in admin.agent_list()]
+    assert "ops-who" in [a.name for a in admin.agent_list()]
     with pytest.raises(Conflict):
         admin.agent_add("ops-who")
     with pytest.raises(Conflict):

@@ -1,4 +1,4 @@
-"""Tests for memos.retrieval: relevance behaviour of the hybrid score, incremental maintenance,
+"""Tests for memos.plugins.plaintext.retrieval: relevance behaviour of the hybrid score, incremental maintenance,
 ANN candidate mode, persistence and concurrency."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from memos.retrieval import Doc, HybridIndex, IndexCorruptError, RetrievalConfig, doc_for, key_text
+from memos.plugins.plaintext.retrieval import Doc, HybridIndex, IndexCorruptError, RetrievalConfig, doc_for, key_text
 
 DIM = 32
 

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import ALICE
 from memos import codec, storage
+from conftest import TOYTYPE
 from memos.api import LOCAL_ADMIN, Memos, NewMemory
 from memos.errors import InvalidRequest, StorageError, TooLarge
 from memos.storage import Store, StoreOptions, check_key
@@ -248,7 +249,7 @@ def test_map_grown_by_another_process_is_adopted(store_dir):
         m.create_cube(ALICE, "c")
         mine = m.add(ALICE, "c", "before")
         ours = m.store.env.info()["map_size"]
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), str(TOYTYPE)])}
         out = subprocess.run([sys.executable, "-c", _GROW_ELSEWHERE, str(store_dir)], env=env,
                              capture_output=True, text=True, check=True, timeout=60).stdout.split()
         theirs, their_id = int(out[0]), out[1]
@@ -275,7 +276,7 @@ def test_map_grown_by_another_process_is_adopted_by_a_write(store_dir):
     m = Memos(store_dir, options=StoreOptions(map_size=64 * 1024))
     try:
         m.create_cube(ALICE, "c")
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), str(TOYTYPE)])}
         subprocess.run([sys.executable, "-c", _GROW_ELSEWHERE, str(store_dir)], env=env,
                        capture_output=True, text=True, check=True, timeout=60)
         m.add(ALICE, "c", "first write after the other process grew the map")

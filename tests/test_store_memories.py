@@ -250,7 +250,7 @@ def test_usage_flush_and_reopen(store_dir):
     m.record_reads("c", [mem.id, mem.id])
     m.flush_usage()
     with m.store.read() as txn:
-        assert m._usage_plain(txn, "c", mem.id)["reads"] == 3
+        assert m.core.usage.plain(txn, "c", mem.id)["reads"] == 3
     m.get(ALICE, "c", mem.id)
     m.close()  # closing flushes the last read
     m = Memos(store_dir)

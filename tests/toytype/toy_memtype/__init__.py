@@ -1,0 +1,238 @@
+"""``tally``: a toy memory type, registered the way any third party's type is.
+
+It exists to exercise every part of the memory-type contract
+(:mod:`memos.memtypes`) from outside memos: it is registered by the entry
+point in ``toy_memtype-0.1.dist-info`` next to this package, found when
+``tests/toytype`` is on the path, and served by memosd like a built-in type.
+
+A tally memory is a count: ``metadata={"count": <int>}``, optionally with a
+text label.
+
+* :meth:`Tally.validate` refuses an item without an integer count, or with a blob.
+* :meth:`Tally.prepare` sees ``add``, ``add_many`` and ``update`` before they
+  are committed: it refuses a negative count (``Pending.fail``) and records
+  the counts a write carries in the type's own sub-database ``weights``, in
+  the write's own transaction (``Pending.also``).
+* :meth:`Tally.after_commit` keeps each cube's total of active counts in
+  memory (derived state), read back by ``tally_total`` with read-your-writes.
+* ``tally_recount`` recounts a cube as a job, one memory a step, with
+  progress, and stops when cancelled.
+* Settings: the section ``[tally]`` (``MEMOS_TALLY__STEP_DELAY_S``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, Field
+from typing_extensions import TypedDict
+
+from memos.errors import Cancelled, InvalidRequest, MemosError
+from memos.ids import new_id
+from memos.jobs import JobInfo, Progress
+from memos.memtypes import Item, MemoryType, Pending, Services
+from memos.operations import Args, Operation
+from memos.validation import Limits
+
+log = logging.getLogger("memos.tally")
+
+NAME = "tally"
+
+
+class TallySettings(BaseModel):
+    """The ``[tally]`` section of memosd.toml."""
+
+    step_delay_s: float = Field(0.0, ge=0, le=10, description="Pause between two steps of a recount.")
+
+
+class TallyArgs(Args):
+    cube: str = Field(max_length=200)
+
+
+class TallyTotal(TypedDict):
+    cube: str
+    total: int  # sum of the counts of the cube's active tally memories
+    memories: int  # how many active tally memories
+    version: int  # the cube version the total is up to
+
+
+class Weight(TypedDict):
+    op: str  # the write that carried the counts
+    counts: list[int]
+
+
+def count_of(metadata: Any) -> int | None:
+    """The count in a memory's metadata, or None if there is no integer count."""
+    count = metadata.get("count") if isinstance(metadata, dict) else None
+    return None if isinstance(count, bool) or not isinstance(count, int) else count
+
+
+@dataclass
+class _Totals:
+    """One cube's derived state: the count of each active tally memory, up to a version."""
+
+    version: int
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def apply(self, memories: dict[str, dict[str, Any]]) -> None:
+        for memory_id, mem in memories.items():
+            count = count_of(mem.get("metadata"))
+            if mem.get("type") == NAME and mem.get("status") == "active" and count is not None:
+                self.counts[memory_id] = count
+            else:
+                self.counts.pop(memory_id, None)
+
+
+class Tally(MemoryType):
+    name = NAME
+    databases = {"weights": "cube \\0 id -> the counts one write carried (JSON), written by prepare()"}
+    prepares = frozenset({"add", "add_many", "update"})
+    settings_model = TallySettings
+    operations = (
+        Operation("tally_total", TallyArgs, TallyTotal, "worker",
+                  "The sum of the counts of a cube's active tally memories.", "total", ("cube",)),
+        Operation("tally_weights", TallyArgs, list[Weight], "worker",
+                  "The counts each committed write carried, oldest first.", "weights", ("cube",)),
+        Operation("tally_recount", TallyArgs, JobInfo, "job",
+                  "Recount a cube's tallies in the background (write role); progress in `jobs`.",
+                  "recount", ("cube",)),
+    )
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._totals: dict[str, _Totals] = {}  # built on first use, then kept by after_commit
+        self._jobs: list[Progress] = []
+        self._stopping = threading.Event()
+        self.lifecycle: list[str] = []  # what the daemon called, in order
+
+    # -- the contract ---------------------------------------------------
+
+    def validate(self, item: Item, limits: Limits) -> None:
+        if count_of(item.metadata) is None:
+            raise InvalidRequest("a tally memory needs metadata {'count': <integer>}", field="metadata")
+        if item.has_blob:
+            raise InvalidRequest("a tally memory holds no blob", field="blob")
+
+    def start(self, services: Services) -> None:
+        super().start(services)
+        assert isinstance(services.settings, TallySettings), services.settings
+        self.lifecycle.append("start")
+        log.info("tally started", extra={"step_delay_s": services.settings.step_delay_s})
+
+    def prepare(self, pending: Sequence[Pending]) -> None:
+        for p in pending:
+            try:
+                counts = self._counts(p)
+            except MemosError:
+                continue  # no such cube or memory: the writer answers that, audited
+            if not counts:
+                continue
+            if any(c < 0 for c in counts):
+                p.fail(InvalidRequest("a tally cannot count below zero", field="metadata"))
+                continue
+            key = f"{p.cube}\0{new_id()}".encode()
+            value = json.dumps({"op": p.op, "counts": counts}).encode()
+            p.also(lambda rows, key=key, value=value: rows.put("weights", key, value))
+
+    def after_commit(self, cube: str, version: int, memory_ids: Sequence[str]) -> None:
+        with self._lock:
+            totals = self._totals.get(cube)
+            if totals is None or version <= totals.version:
+                return  # not built yet (its first read will include this), or already included
+            with self.services.system_snapshot(cube, at=version) as snap:
+                totals.apply(snap.get_many(memory_ids))
+            totals.version = version
+
+    def stop(self) -> None:
+        self.lifecycle.append("stop")
+        self._stopping.set()
+        for job in self._jobs:
+            if job.state == "running":
+                self.services.jobs.cancel(job.id)
+        log.info("tally stopped")
+
+    def close(self) -> None:
+        self.lifecycle.append("close")
+        with self._lock:
+            self._totals.clear()
+        log.info("tally closed")
+
+    # -- operations -------------------------------------------------------
+
+    def total(self, actor: Any, cube: str) -> TallyTotal:
+        self.services.check_role(actor, cube, "read", "tally_total")
+        with self._lock:
+            totals = self._built(cube)
+            return {"cube": cube, "total": sum(totals.counts.values()), "memories": len(totals.counts),
+                    "version": totals.version}
+
+    def weights(self, actor: Any, cube: str) -> list[Weight]:
+        with self.services.snapshot(actor, cube, op="tally_weights") as snap:
+            prefix = f"{snap.cube.name}\0".encode()
+            out = []
+            for key, value in snap.rows.items("weights", prefix):
+                if not key.startswith(prefix):
+                    break
+                out.append(json.loads(value))
+            return out
+
+    def recount(self, actor: Any, cube: str) -> JobInfo:
+        with self.services.snapshot(actor, cube, op="tally_recount", role="write") as snap:
+            name, version = snap.cube.name, snap.version
+            ids = [m.id for m in snap.memories(type=NAME)]
+        delay = self.services.settings.step_delay_s  # type: ignore[union-attr]
+
+        def work(progress: Progress) -> int:
+            total = 0
+            for memory_id in ids:
+                progress.check()
+                if self._stopping.is_set():
+                    raise Cancelled("the daemon is stopping", job=progress.id)
+                time.sleep(delay)
+                with self.services.system_snapshot(name, at=version) as s:
+                    mem = s.get_many([memory_id]).get(memory_id)
+                if mem is not None and mem["status"] == "active":
+                    total += count_of(mem["metadata"]) or 0
+                progress.advance(1, total=total, version=version)
+            progress.advance(0, total=total, version=version)
+            return total
+
+        job, _ = self.services.jobs.run(self.services.executor, "tally_recount", name, len(ids), work)
+        self._jobs = [j for j in self._jobs if j.state == "running"] + [job]
+        return job.to_wire()  # type: ignore[return-value]
+
+    # -- helpers ----------------------------------------------------------
+
+    def _built(self, cube: str) -> _Totals:
+        """A cube's derived state, built from a snapshot the first time (holding the lock)."""
+        totals = self._totals.get(cube)
+        if totals is None:
+            with self.services.system_snapshot(cube) as snap:
+                totals = _Totals(snap.version)
+                totals.apply({m.id: m.model_dump(mode="json") for m in snap.memories(type=NAME)})
+            self._totals[cube] = totals
+        return totals
+
+    def _counts(self, p: Pending) -> list[int]:
+        """The counts of the tally items a pending write carries."""
+        args = p.args
+        if p.op == "add":
+            items: list[Any] = [args] if args.type == NAME else []
+        elif p.op == "add_many":
+            items = [it for it in args.items if not isinstance(it, str) and it.type == NAME]
+        elif p.op == "update":
+            if args.metadata is None:
+                return []
+            with self.services.system_snapshot(p.cube) as snap:
+                found = snap.get_many([args.id]).get(args.id)
+            items = [args] if found is not None and found["type"] == NAME else []
+        else:
+            return []
+        counts = [count_of(it.metadata) for it in items]
+        return [c for c in counts if c is not None]  # items without a count: validate() refuses them
