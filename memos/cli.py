@@ -40,6 +40,8 @@ def _human(command: str, value: Any) -> str:
         return "\n".join(_memory_line(m) for m in value) or "(no memories)"
     if command == "search":
         return "\n".join(f"{h['score']:7.3f}  {_memory_line(h['memory'])}" for h in value) or "(no results)"
+    if command == "cancel":
+        return f"job {value['id']}: {value['state']}" + (" (stopping)" if value["state"] == "running" else "")
     if command == "jobs":
         return "\n".join(
             f"{j['id']}  {j['kind']:<12} {j.get('cube') or '-':<16} {j['state']:<8} {j['done']}/{j['total']}"
@@ -165,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--tag", action="append", dest="tags", default=[])
 
     command("jobs", "background jobs and their progress")
+    command("cancel", "ask a running background job to stop").add_argument("id", help="the job's id (see jobs)")
     command("reindex", "rebuild a cube's search index").add_argument("cube")
 
     audit = commands.add_parser("audit", help="the audit log").add_subparsers(dest="sub", required=True)
@@ -219,6 +222,7 @@ def _run(client: Client, a: argparse.Namespace) -> tuple[str, Any]:
         "rollback": lambda: client.rollback(a.cube, a.to_version, a.memory_ids),
         "search": lambda: client.search(a.cube, a.query, k=a.k, at=a.at, tags=a.tags, status=a.status),
         "jobs": client.jobs,
+        "cancel": lambda: client.job_cancel(a.id),
         "ingest": lambda: client.add_messages(a.cube, _messages(a.file), session=a.session, tags=a.tags),
         "reindex": lambda: client.reindex(a.cube),
         "audit verify": lambda: client.audit_verify(
