@@ -32,7 +32,9 @@ class Applied:
     """What a write did: its result, the cube version it made and the memories it touched."""
 
     result: Any
-    version: int | None = None  # None: no new cube version (agents, grants keep the version)
+    # The cube version the change is at (a grant: the cube's current one); None: no cube changed
+    # (agents). A write with a cube and a version is announced: after_commit, then an Event.
+    version: int | None = None
     memories: list[str] = field(default_factory=list)
     detail: dict[str, Any] = field(default_factory=dict)  # more for the audit record
 

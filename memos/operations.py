@@ -9,7 +9,7 @@ declarations alone
 * the daemon routes a request and picks its thread (``where``),
 * the wire protocol validates its arguments (``args``),
 * the client library builds its method, signature and result type,
-* ``docs/operations.md`` documents it (a test checks that every one is).
+* ``docs/protocol.md`` documents it (a test checks that every one is).
 
 Nothing else lists operations.
 """
@@ -49,10 +49,10 @@ class Operation:
     """One request: what it takes, what it returns, where it runs, who serves it.
 
     ``handler`` names the method of the operation's owner (the core or a
-    memory type) that serves it. Reads are called ``handler(actor, args)``
-    and return the result; writes (``where == "writer"``) are called
-    ``handler(actor, args, request_id)`` and return a
-    :class:`memos.writes.Write`. ``positional`` are the arguments the client
+    memory type) that serves it, with the argument fields by name. Reads are
+    called ``handler(actor, **fields)`` and return the result; writes
+    (``where == "writer"``) are called ``handler(actor, **fields,
+    request_id=...)`` and return a :class:`memos.core.Write`. ``positional`` are the arguments the client
     method takes by position; the rest are keyword-only.
     """
 

@@ -17,7 +17,7 @@ from .errors import ConfigError, MemosError
 from .jobs import Jobs
 from .memories import memories_at, rows_at, version_in
 from .memtypes import Rows, Services, Snapshot
-from .models import Cube, Memory, Role
+from .models import Cube, Memory
 
 
 class _Rows(Rows):
@@ -127,4 +127,4 @@ class TypeServices(Services):
         self._memos.core.usage.record_checked(cube, memory_ids)
 
     def check_role(self, actor: Any, cube: str, role: str, op: str) -> Cube:
-        return self._memos.cubes.check_role(actor, cube, Role(role) if role in Role.__members__ else role, op)
+        return self._memos.cubes.check_role(actor, cube, role, op)

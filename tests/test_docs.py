@@ -10,7 +10,15 @@ import pytest
 
 from memos import memtypes
 from memos.client import declared_operations
-from memos.memtypes import Item, MemoryType, Pending, Rows, Services, Snapshot, available
+from memos.memtypes import (
+    Item,
+    MemoryType,
+    Pending,
+    Rows,
+    Services,
+    Snapshot,
+    available,
+)
 from memos.models import Event
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -26,6 +26,8 @@ import time
 from collections.abc import Mapping
 
 import pytest
+from conftest import TOYTYPE
+from daemon_fixtures import Daemon, make_daemon  # noqa: F401  (fixture)
 from pydantic import BaseModel
 
 from memos import catalog, config
@@ -34,9 +36,6 @@ from memos.memtypes import Item, MemoryType, available, load_types
 from memos.models import Event
 from memos.operations import Args, Operation
 from memos.validation import Limits
-
-from conftest import TOYTYPE
-from daemon_fixtures import Daemon, make_daemon  # noqa: F401  (fixture)
 
 TYPES = load_types()
 CORE_OPS = {op.name: op for op in catalog.core_operations()}
@@ -87,7 +86,7 @@ def test_operations_are_well_formed_and_never_write(memtype):
         assert isinstance(op.args, type) and issubclass(op.args, Args), op.name
         assert op.doc.strip(), f"{op.name} has no doc"
         assert set(op.positional) <= set(op.args.model_fields), op.name
-        op.result_type  # the client validates replies with it: it must build
+        assert op.result_type is not None  # the client validates replies with it: it must build
         handler = getattr(memtype, op.handler, None)
         assert callable(handler), f"{op.name}: no method {op.handler!r}"
         # Reads are served as handler(actor, **fields).
@@ -115,8 +114,8 @@ def test_settings_have_a_section_of_their_own(memtype):
 
 
 def _item(**fields) -> Item:
-    base = dict(type="x", text=None, blob=None, media_type="application/octet-stream", tags=[], metadata={},
-                has_blob=False)
+    base = {"type": "x", "text": None, "blob": None, "media_type": "application/octet-stream", "tags": [],
+            "metadata": {}, "has_blob": False}
     base.update(fields)
     return Item(**base)
 
@@ -337,7 +336,7 @@ def test_events_announce_tally_writes(daemon, admin):
     listening = daemon.client()
 
     def listen() -> None:
-        for event in listening.events(c, timeout=3.0):
+        for event in listening.events(c, timeout=2.0):
             got.put(event)
 
     thread = threading.Thread(target=listen, daemon=True)
@@ -438,7 +437,7 @@ def _messages(log: str) -> list[dict]:
     return out
 
 
-def test_lifecycle_and_derived_state_across_a_restart(make_daemon):
+def test_lifecycle_and_derived_state_across_a_restart(make_daemon):  # noqa: F811
     d = make_daemon(env={"MEMOS_TALLY__STEP_DELAY_S": "0.01"}).start()
     admin = d.client()
     admin.cube_create("tally-restart")
