@@ -27,7 +27,7 @@ from collections.abc import Mapping
 
 import pytest
 from conftest import TOYTYPE
-from daemon_fixtures import Daemon, make_daemon  # noqa: F401  (fixture)
+from daemon_fixtures import Daemon, _running, make_daemon  # noqa: F401  (fixture)
 from pydantic import BaseModel
 
 from memos import catalog, config
@@ -160,13 +160,7 @@ STEP_S = 0.05  # the recount's pause between steps ([tally] step_delay_s)
 
 @pytest.fixture(scope="module")
 def daemon():
-    d = Daemon(env={"MEMOS_TALLY__STEP_DELAY_S": str(STEP_S)}).start()
-    try:
-        yield d
-        if d.alive():
-            d.stop()
-    finally:
-        d.cleanup()
+    yield from _running({"MEMOS_TALLY__STEP_DELAY_S": str(STEP_S)})
 
 
 @pytest.fixture

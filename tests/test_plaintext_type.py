@@ -217,21 +217,7 @@ def test_a_cancelled_build_leaves_the_old_index_serving(harness, memos, monkeypa
     memos.create_cube(ALICE, "notes")
     harness.add("notes", "a note about bees")
     assert len(harness.search("notes", "bees")) == 1  # the index has it: the build replaces a working index
-    building, release = threading.Event(), threading.Event()
-    vectors_for = harness.type._vectors.vectors_for
-
-    def slow(keys, job=None):
-        if job is not None:
-            building.set()
-            assert release.wait(30)
-            job.check()
-        return vectors_for(keys, job)
-
-    monkeypatch.setattr(harness.type._vectors, "vectors_for", slow)
-    job = harness.type.reindex(ALICE, "notes")["job"]
-    assert building.wait(30)
-    harness.jobs.cancel(job)
-    release.set()
+    _cancel_a_reindex_midway(harness, monkeypatch)
     assert [j["state"] for j in harness.wait_jobs()] == ["cancelled"]
     harness.add("notes", "another note about bees")
     assert len(harness.search("notes", "bees")) == 2
@@ -250,6 +236,17 @@ def test_search_off(memos, tmp_path):
 def test_a_failed_first_build_is_retried_by_the_next_commit(harness, memos, monkeypatch):
     memos.create_cube(ALICE, "notes")
     memos.add(ALICE, "notes", "a note about wasps")  # committed behind the type's back: no index yet
+    _cancel_a_reindex_midway(harness, monkeypatch)
+    harness.wait_jobs()
+    with pytest.raises(MemosError, match="failed to build"):
+        harness.search("notes", "wasps")
+    harness.add("notes", "another note about wasps")
+    assert len(harness.search("notes", "wasps")) == 2
+    assert [j["state"] for j in harness.wait_jobs()] == ["cancelled", "done"]
+
+
+def _cancel_a_reindex_midway(harness, monkeypatch) -> None:
+    """Start a reindex of "notes", cancel it while it builds, then let it see the cancellation."""
     building, release = threading.Event(), threading.Event()
     vectors_for = harness.type._vectors.vectors_for
 
@@ -265,9 +262,3 @@ def test_a_failed_first_build_is_retried_by_the_next_commit(harness, memos, monk
     assert building.wait(30)
     harness.jobs.cancel(job)
     release.set()
-    harness.wait_jobs()
-    with pytest.raises(MemosError, match="failed to build"):
-        harness.search("notes", "wasps")
-    harness.add("notes", "another note about wasps")
-    assert len(harness.search("notes", "wasps")) == 2
-    assert [j["state"] for j in harness.wait_jobs()] == ["cancelled", "done"]
