@@ -194,8 +194,11 @@ class MemoryType(ABC):
     operations: ClassVar[tuple[Operation, ...]] = ()
     """Operations it serves, each by a method of this class named by ``Operation.handler``."""
 
-    prepares: ClassVar[frozenset[str]] = frozenset()
-    """Write operations (core ones included) that :meth:`prepare` must see before they are committed."""
+    prepares: frozenset[str] = frozenset()
+    """Write operations (core ones included) that :meth:`prepare` must see before they are committed.
+
+    Read by the daemon after :meth:`start`, which may narrow it on the instance (a type with
+    nothing to prepare in its configuration spares those writes a hop through its thread)."""
 
     settings_model: ClassVar[type[BaseModel] | None] = None
     """Its configuration: the section ``[<config_section>]`` of ``memosd.toml``, ``MEMOS_<SECTION>__<KEY>``."""

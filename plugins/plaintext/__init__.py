@@ -77,6 +77,8 @@ class Plaintext(MemoryType):
         self._searcher = Searcher(services, settings, self._vectors, self._indexes)
         if self._vectors.enabled:
             self._indexes.start()
+        else:  # search is off: nothing to embed, so writes go straight to the writer
+            self.prepares = frozenset()
         self.booted = services.executor.submit(self._boot)
 
     def _boot(self) -> None:
