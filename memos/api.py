@@ -107,14 +107,15 @@ class Memos:
         self.close()
 
     def __getattr__(self, name: str) -> Any:
-        # Only reached for names Memos itself lacks: the concerns' operations.
+        # Only reached for names Memos itself lacks: the concerns' operations. What is found
+        # is kept on the instance, so the search happens once per name.
         for part in self.__dict__.get("parts", ()):
             found = getattr(part, name, None)
+            if found is None and (write := getattr(part, f"write_{name}", None)) is not None:
+                found = _applied_at_once(self.core, write)
             if found is not None:
+                setattr(self, name, found)
                 return found
-            write = getattr(part, f"write_{name}", None)
-            if write is not None:
-                return _applied_at_once(self.core, write)
         raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
 
     def __dir__(self) -> list[str]:
