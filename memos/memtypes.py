@@ -29,6 +29,9 @@ whose access check is done, ledger and blob reads, its own rows, the job
 runner and one executor shared by all model work. A type never sees the
 store, the writer or the daemon.
 
+Embedded use (:class:`memos.api.Memos` without the daemon) calls only
+:meth:`MemoryType.validate`; everything else is the daemon's.
+
 Threads, in the daemon: the **socket thread** decodes and routes requests,
 the **worker pool** runs reads, the **prepare thread** of each type runs its
 :meth:`prepare`, the **writer thread** commits and calls :meth:`after_commit`,
@@ -247,11 +250,12 @@ class MemoryType(ABC):
         """
 
     def stop(self) -> None:
-        """Finish accepted work that feeds the writer, then stop model work.
+        """Stop the type's own threads and model work (cancel its long jobs).
 
-        Called once at shutdown after the socket stops taking requests and
-        before the writer's last commit: writes already handed to
-        :meth:`prepare` still reach the writer.
+        Called once at shutdown on the main thread, after the socket stops
+        taking requests and the prepare stage has handed every write it held
+        to the writer, and before the writer's last commit and the shutdown
+        of the model executor.
         """
 
     def close(self) -> None:
