@@ -8,7 +8,7 @@ from typing import Any
 from . import catalog
 from .access import Actor
 from .cubes import Cubes
-from .errors import Denied
+from .errors import Denied, MemosError
 from .jobs import Jobs
 from .models import Role
 
@@ -37,9 +37,12 @@ class JobControl:
 
     def cancel_job(self, actor: Actor, id: str) -> dict[str, Any]:
         """Cancel a job: the administrator any, a cube's admins the jobs on their cube."""
-        job = self.jobs.get(id)
-        if not actor.admin:
-            if job.cube is None:
+        try:
+            job = self.jobs.get(id)
+            if not actor.admin and job.cube is None:
                 raise Denied("cancelling this job needs the local administrator", job=id)
-            self.cubes.check_role(actor, job.cube, Role.admin, "job_cancel")
+        except MemosError as exc:  # audited like every refused request
+            raise self.cubes.core.refused(actor, "job_cancel", None, exc) from None
+        if not actor.admin:
+            self.cubes.check_role(actor, job.cube, Role.admin, "job_cancel")  # audits a refusal itself
         return self.jobs.cancel(id).to_wire()

@@ -413,6 +413,8 @@ def test_recount_is_cancelled_through_job_cancel(daemon, admin):
     assert admin.job_cancel(job["id"])["state"] == "cancelled"  # a finished job stays as it ended
     with pytest.raises(NotFound):
         admin.job_cancel("no-such-job")
+    refused = [(r.op, r.outcome, r.detail["code"]) for r in admin.audit_tail(3) if r.op == "job_cancel"]
+    assert refused[-1] == ("job_cancel", "error", "not_found")  # refusals are audited like any other
     # The model executor is free again: the next recount runs to its end.
     admin.cube_create("tally-cancel-after")
     admin.add_many("tally-cancel-after", [tally(4), tally(6)])
