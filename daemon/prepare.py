@@ -18,9 +18,9 @@ from typing import Any
 
 import lmdb
 
-from memos.core import Applied
 from memos.errors import InternalError, MemosError
 from memos.memtypes import MemoryType, Pending, Rows
+from memos.writes import Applied
 
 from .writer import Job
 

@@ -34,10 +34,10 @@ import zmq
 from memos import protocol as p
 from memos.api import LOCAL_ADMIN, Actor
 from memos.config import Settings
-from memos.core import Write
 from memos.errors import ConfigError, InternalError, MemosError, Unauthenticated
 from memos.models import plain
 from memos.operations import Route
+from memos.writes import Write
 
 from .types import MemoryTypes
 from .writer import Job, Writer
@@ -48,6 +48,7 @@ _OUT = "inproc://memosd-out"
 _ZAP = "inproc://zeromq.zap.01"
 _MAX_IN_FLIGHT = 10_000  # past this the ROUTER is not read, so zmq's HWM pushes back
 _INLINE_MAX_FRAME = 64 << 10
+_PARTIAL = b"partial"  # third frame of a partial reply on its way to the main thread
 # Plain ints: pyzmq's enum flags cost microseconds per operation on the hot path.
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 _SNDMORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
@@ -93,6 +94,10 @@ class _Queued:
 
     def __call__(self, reply: dict[str, Any]) -> None:
         self.server._out().send_multipart([self.identity, p.encode(reply)])
+
+    def partial(self, message: dict[str, Any]) -> None:
+        """A partial reply: it goes out at once and the request stays in flight."""
+        self.server._out().send_multipart([self.identity, p.encode(message), _PARTIAL])
 
 
 class Server:
@@ -218,9 +223,17 @@ class Server:
         return send
 
     def _forward(self) -> None:
-        """Send replies finished elsewhere: each message is identity, reply[, identity, reply...]."""
+        """Send replies finished elsewhere: each message is identity, reply[, identity, reply...],
+        or identity, partial reply, ``_PARTIAL`` (odd length: the request stays in flight)."""
         while self._pull.getsockopt(_EVENTS) & _POLLIN:
             frames = self._pull.recv_multipart()
+            if len(frames) == 3 and frames[2] == _PARTIAL:
+                try:
+                    self.router.send(frames[0], _SNDMORE_NOBLOCK)
+                    self.router.send(frames[1], _NOBLOCK)
+                except zmq.ZMQError as exc:
+                    log.debug("partial reply dropped: %s", exc)
+                continue
             for i in range(0, len(frames), 2):
                 self._in_flight -= 1
                 try:
@@ -311,8 +324,12 @@ class Server:
 
     def _read(self, envelope: p.Envelope, route: Route, actor: Actor, args: Any, reply) -> None:
         """Run a read; the core has already audited any failure it raises."""
+        emit = None
+        if route.op.streams:
+            def emit(part: Any) -> None:
+                reply.partial(p.partial_reply(envelope.id, plain(part)))
         try:
-            result = plain(route(actor, args))
+            result = plain(route(actor, args, emit=emit))
         except MemosError as exc:
             reply(p.error_reply(envelope.id, exc))
         except Exception as exc:  # a bug: answer, log, keep serving

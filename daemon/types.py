@@ -8,6 +8,7 @@ the contract of :mod:`memos.memtypes`.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,10 +16,11 @@ from typing import Any
 
 from memos.api import Memos
 from memos.config import Settings, type_settings
-from memos.errors import MemosError
+from memos.errors import MemosError, from_wire
 from memos.memtypes import MemoryType, load_types
 from memos.services import TypeServices
 from memos.storage import StoreOptions
+from memos.writes import Write
 
 from .prepare import PrepareStages, Stage
 from .writer import Job
@@ -46,6 +48,8 @@ class MemoryTypes:
 
     def start(self, commit: Callable[[Job], None], fail: Callable[[Job, MemosError], None]) -> None:
         """Start each type, then the prepare stages that feed ``commit`` (the writer)."""
+        for services in self.services.values():
+            services.submitter = self._through(commit)
         for name, memtype in self.types.items():
             memtype.start(self.services[name])
         self.stages = PrepareStages([
@@ -53,6 +57,28 @@ class MemoryTypes:
             for name, memtype in self.types.items() if memtype.prepares
         ])
         self.stages.start()
+
+    @staticmethod
+    def _through(commit: Callable[[Job], None]) -> Callable[[Write], Any]:
+        """How a type's thread makes a write durable: through the writer, waiting for its reply."""
+
+        def submit(write: Write) -> Any:
+            done = threading.Event()
+            replies: list[dict[str, Any]] = []
+
+            def reply(message: dict[str, Any]) -> None:
+                replies.append(message)
+                done.set()
+
+            commit(Job(write.actor, "", write, reply, idempotent=False))
+            done.wait()
+            message = replies[0]
+            if message.get("ok"):
+                return message.get("result")
+            error = message.get("error") or {}
+            raise from_wire(str(error.get("code", "internal")), str(error.get("message", "")), error.get("details"))
+
+        return submit
 
     def prepares(self, op: str) -> bool:
         return self.stages is not None and self.stages.wants(op)

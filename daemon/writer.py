@@ -30,11 +30,11 @@ import lmdb
 
 from memos import codec
 from memos.api import Actor, Memos
-from memos.core import Applied, Write
 from memos.errors import InternalError, MemosError
 from memos.models import plain
 from memos.protocol import error_reply, ok_reply
 from memos.storage import request_time_key
+from memos.writes import Applied, Write
 
 log = logging.getLogger("memosd.writer")
 

@@ -19,8 +19,9 @@ import lmdb
 from . import catalog, codec
 from . import validation as check
 from .access import Actor
-from .core import Applied, Core, Write
+from .core import Core
 from .errors import Conflict, Denied, NotFound, Unauthenticated
+from .writes import Applied, Write
 
 
 def _hash(secret: str) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 from .access import LOCAL_ADMIN, Actor
 from .agents import Agents
 from .auditing import AuditAdmin
-from .core import Applied, Core, Write
+from .core import Core
 from .cubes import Cubes
 from .errors import MemosError
 from .jobs import Jobs
@@ -38,6 +38,7 @@ from .session import JobControl, Session
 from .storage import Store, StoreOptions
 from .validation import Limits
 from .versions import Versions
+from .writes import Applied, Write
 
 __all__ = ["LOCAL_ADMIN", "Actor", "Applied", "Memos", "NewMemory", "Write"]
 

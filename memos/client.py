@@ -80,6 +80,7 @@ class AsyncClient:
         self._ctx = zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._partials: dict[str, list[Any]] = {}  # request id -> [callback, when the last piece came]
         self._reader: asyncio.Task[None] | None = None
 
     # -- plumbing -------------------------------------------------------
@@ -104,7 +105,16 @@ class AsyncClient:
                 reply = p.decode(frame, 1 << 62)
             except MemosError:
                 continue
-            future = self._pending.pop(reply.get("id"), None) if isinstance(reply.get("id"), str) else None
+            rid = reply.get("id")
+            if not isinstance(rid, str):
+                continue
+            if "partial" in reply:  # a streaming operation's piece: the request goes on
+                listener = self._partials.get(rid)
+                if listener is not None:
+                    listener[1] = time.monotonic()
+                    listener[0](reply["partial"])
+                continue
+            future = self._pending.pop(rid, None)
             if future is not None and not future.done():
                 future.set_result(reply)
 
@@ -138,20 +148,33 @@ class AsyncClient:
         return Timeout(f"no reply from memosd at {self.socket_path} after "
                        f"{self.retries + 1} tries of {self.timeout}s")
 
-    async def call(self, op: str, **args: Any) -> Any:
-        """Send one request and return its result, raising the daemon's error."""
+    async def call(self, op: str, on_partial: Callable[[Any], None] | None = None, **args: Any) -> Any:
+        """Send one request and return its result, raising the daemon's error.
+
+        ``on_partial`` gets each partial result of a streaming operation as it
+        arrives; each one also restarts the wait for the next.
+        """
         rid, frame = self._frame(op, args)
         sock = self._connect()
         for _ in range(self.retries + 1):
             future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
             self._pending[rid] = future
+            if on_partial is not None:
+                self._partials[rid] = [on_partial, time.monotonic()]
             await sock.send(frame)
             try:
-                return self._result(await asyncio.wait_for(future, self.timeout))
+                while True:
+                    try:
+                        return self._result(await asyncio.wait_for(asyncio.shield(future), self.timeout))
+                    except asyncio.TimeoutError:
+                        listener = self._partials.get(rid)
+                        if listener is None or time.monotonic() - listener[1] >= self.timeout:
+                            raise
             except asyncio.TimeoutError:
                 continue  # resend with the same id: the daemon applies a write once
             finally:
                 self._pending.pop(rid, None)
+                self._partials.pop(rid, None)
         raise self._gave_up()
 
     async def close(self) -> None:
@@ -218,22 +241,26 @@ def _operation_method(op: Operation) -> Callable[..., Any]:
         if name not in op.positional:
             params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=info.annotation,
                                             default=inspect.Parameter.empty if name in op.required else None))
+    if op.streams:
+        params.append(inspect.Parameter("on_partial", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation=Callable[[Any], None] | None))
     signature = inspect.Signature(params, return_annotation=op.result)
     adapter, name, positional = op.result_type, op.name, op.positional
-    fields, required = frozenset(op.args.model_fields), op.required
+    fields, required, streams = frozenset(op.args.model_fields), op.required, op.streams
 
     async def method(self: AsyncClient, *args: Any, **kwargs: Any) -> Any:
         # signature.bind's checks, by hand: bind costs microseconds on every call.
         if len(args) > len(positional):
             raise TypeError(f"{name}() takes {len(positional)} positional arguments, {len(args)} given")
         values = {key: plain(value) for key, value in zip(positional, args)}
+        on_partial = kwargs.pop("on_partial", None) if streams else None
         for key, value in kwargs.items():
             if key not in fields or key in values:
                 raise TypeError(f"{name}() got an unexpected or repeated argument {key!r}")
             values[key] = plain(value)
         if not required <= values.keys():
             raise TypeError(f"{name}() is missing {sorted(required - values.keys())}")
-        return adapter.validate_python(await self.call(name, **values))
+        return adapter.validate_python(await self.call(name, on_partial, **values))
 
     method.__name__ = method.__qualname__ = op.name
     method.__doc__ = op.doc
@@ -272,11 +299,14 @@ class Client(AsyncClient):
                 self._sockets.append(sock)
         return sock
 
-    async def call(self, op: str, **args: Any) -> Any:
-        return self.request(op, **args)
+    async def call(self, op: str, on_partial: Callable[[Any], None] | None = None, **args: Any) -> Any:
+        return self.request(op, on_partial, **args)
 
-    def request(self, op: str, **args: Any) -> Any:
-        """Send one request and wait for its result, resending with the same id on timeout."""
+    def request(self, op: str, on_partial: Callable[[Any], None] | None = None, **args: Any) -> Any:
+        """Send one request and wait for its result, resending with the same id on timeout.
+
+        ``on_partial`` gets each partial result of a streaming operation; each restarts the wait.
+        """
         rid, frame = self._frame(op, args)
         sock = self._socket()
         full_ms = max(1, int(self.timeout * 1000))
@@ -292,7 +322,11 @@ class Client(AsyncClient):
                 except zmq.Again:
                     break
                 if reply.get("id") == rid:
-                    return self._result(reply)
+                    if "partial" not in reply:
+                        return self._result(reply)
+                    if on_partial is not None:
+                        on_partial(reply["partial"])
+                    deadline = time.monotonic() + self.timeout  # the stream is alive
                 # A late reply to an earlier, abandoned request: drop it, wait out the rest.
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -1,7 +1,7 @@
 """What every part of the core shares: the store, the ledger, the audit log, and the write path.
 
-Each change is a :class:`Write`: a function of one LMDB transaction that
-returns what it :class:`Applied`. The audit record of a write is appended in
+Each change is a :class:`~memos.writes.Write`: a function of one LMDB
+transaction that returns what it :class:`~memos.writes.Applied`. The audit record of a write is appended in
 the same transaction, so a change is durable exactly when its record is.
 :meth:`Core.apply` makes many writes durable in one commit (group commit),
 each in its own child transaction, so one failure does not sink the others.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import lmdb
@@ -25,40 +24,7 @@ from .models import Change, Commit, Cube, Role
 from .storage import Store
 from .usage import UsageCounts
 from .validation import Limits
-
-
-@dataclass
-class Applied:
-    """What a write did: its result, the cube version it made and the memories it touched."""
-
-    result: Any
-    # The cube version the change is at (a grant: the cube's current one); None: no cube changed
-    # (agents). A write with a cube and a version is announced: after_commit, then an Event.
-    version: int | None = None
-    memories: list[str] = field(default_factory=list)
-    detail: dict[str, Any] = field(default_factory=dict)  # more for the audit record
-
-
-@dataclass
-class Write:
-    """A unit of write work: ``fn(txn)`` returns what it Applied."""
-
-    actor: Actor
-    op: str
-    cube: str | None
-    fn: Callable[[lmdb.Transaction], Applied]
-    request_id: str | None = None
-
-    def then(self, after: Callable[[lmdb.Transaction, Applied], None]) -> Write:
-        """This write, followed by ``after`` in the same transaction (both or neither)."""
-        inner = self.fn
-
-        def fn(txn: lmdb.Transaction) -> Applied:
-            applied = inner(txn)
-            after(txn, applied)
-            return applied
-
-        return Write(self.actor, self.op, self.cube, fn, self.request_id)
+from .writes import Applied, Write
 
 
 class Core:

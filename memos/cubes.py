@@ -10,9 +10,10 @@ import lmdb
 from . import catalog
 from . import validation as check
 from .access import Actor, may_read
-from .core import Applied, Core, Write
+from .core import Core
 from .errors import Conflict, InvalidRequest
 from .models import Commit, Cube, Role
+from .writes import Applied, Write
 
 
 class Cubes:

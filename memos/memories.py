@@ -13,7 +13,7 @@ import lmdb
 from . import catalog, codec
 from . import validation as check
 from .access import Actor
-from .core import Applied, Core, Write
+from .core import Core
 from .errors import Conflict, InvalidRequest, NotFound, TooLarge
 from .ids import new_id
 from .memtypes import Item, check_type
@@ -28,6 +28,7 @@ from .models import (
     SourceRef,
     Status,
 )
+from .writes import Applied, Write
 
 
 @dataclass

@@ -16,7 +16,9 @@ commits, audit); a type adds what is particular to it:
 * **validation** of its items against the configured limits (:meth:`validate`);
 * **operations** beyond the core's add/get/list/update/delete/history/diff/
   rollback (``operations``, each an :class:`~memos.operations.Operation`
-  served by a method of the type);
+  served by a method of the type): reads, jobs, and writes of its own rows
+  (``Services.own_write``); memories themselves are always written through
+  the core (``add``..., or ``Services.add`` from a job);
 * **work before a commit, off the writer thread** (:meth:`prepare`), whose
   rows are written in the same transaction as the memory;
 * **derived state kept after commits** (:meth:`after_commit`): indexes and the
@@ -56,6 +58,7 @@ from .jobs import Jobs
 from .models import Cube, Memory
 from .operations import Args, Operation
 from .validation import Limits
+from .writes import Write
 
 GROUP = "memos.memory_types"
 
@@ -164,6 +167,33 @@ class Services(ABC):
     @abstractmethod
     def check_role(self, actor: Any, cube: str, role: str, op: str) -> Cube:
         """The cube if ``actor`` holds ``role`` on it; Denied (audited as ``op``) otherwise."""
+
+    @abstractmethod
+    def own_write(self, actor: Any, op: str, cube: str | None, fn: Callable[[Rows], Any],
+                  request_id: str | None = None, role: str = "write") -> Write:
+        """A write of the type's own rows, as a request's: audited, group-committed, applied once.
+
+        What an operation with ``where="writer"`` returns (pass its
+        ``request_id``). Inside the commit, on the writer thread, ``actor``'s
+        ``role`` on ``cube`` is checked, then ``fn(rows)`` runs and returns
+        the result (or an Applied; own rows make no cube version).
+        """
+
+    @abstractmethod
+    def submit(self, write: Write) -> Any:
+        """Make ``write`` durable through the core's write path and return its result (plain data).
+
+        Blocks until the commit: for jobs and the type's own threads, never
+        for a handler on the socket thread. Raises the write's error.
+        """
+
+    @abstractmethod
+    def add(self, actor: Any, cube: str, text: str | None = None, **fields: Any) -> Memory:
+        """Add a memory as ``actor`` (``fields`` as the core's ``add``), like a client request.
+
+        Versioned, audited, announced; blocks until durable (see :meth:`submit`).
+        A job that derives memories (a KV cache of plaintext ones) writes them so.
+        """
 
 
 @dataclass
@@ -279,10 +309,6 @@ def load_types() -> dict[str, type[MemoryType]]:
             raise ConfigError(f"memory type {name!r} ({ep.value}) is not a MemoryType subclass")
         if cls.name != name:
             raise ConfigError(f"memory type {ep.value} calls itself {cls.name!r} but is registered as {name!r}")
-        for op in cls.operations:
-            if op.writes:
-                raise ConfigError(f"memory type {name!r}: operation {op.name!r} writes; "
-                                  "a type's writes go through the core's operations and prepare()")
         out[name] = cls
     return out
 

@@ -63,6 +63,7 @@ class Operation:
     doc: str
     handler: str
     positional: tuple[str, ...] = ()
+    streams: bool = False  # the handler also gets ``emit``: each call sends a partial reply at once
 
     @property
     def writes(self) -> bool:
@@ -91,9 +92,15 @@ class Route:
     op: Operation
     call: Callable[..., Any]
 
-    def __call__(self, actor: Any, args: Args, request_id: str | None = None) -> Any:
-        """Serve ``args``: the result of a read, or the Write of a write."""
+    def __call__(self, actor: Any, args: Args, request_id: str | None = None,
+                 emit: Callable[[Any], None] | None = None) -> Any:
+        """Serve ``args``: the result of a read, or the Write of a write.
+
+        ``emit``: for a streaming operation, where its partial results go.
+        """
         kwargs = {name: getattr(args, name) for name in self.op.fields}
+        if self.op.streams:
+            kwargs["emit"] = emit if emit is not None else _nowhere
         if self.op.writes:
             return self.call(actor, request_id=request_id, **kwargs)
         return self.call(actor, **kwargs)
@@ -107,8 +114,14 @@ def bind(owners: Iterable[Any]) -> dict[str, Route]:
             if op.name in table:
                 raise ConfigError(f"operation {op.name!r} is declared twice "
                                   f"({type(owner).__name__} and {table[op.name].call.__qualname__})")
+            if op.streams and op.where != "worker":
+                raise ConfigError(f"operation {op.name!r} streams, so it must run on a worker")
             handler = getattr(owner, op.handler, None)
             if not callable(handler):
                 raise ConfigError(f"{type(owner).__name__} declares {op.name!r} but has no method {op.handler!r}")
             table[op.name] = Route(op, handler)
     return table
+
+
+def _nowhere(part: Any) -> None:
+    """Where partial results go when nobody listens (embedded use)."""

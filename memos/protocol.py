@@ -25,6 +25,11 @@ Reply::
     {"v": 1, "id": "01J...", "ok": false, "error": {"code": "not_found",
                                                      "message": "...", "details": {...}}}
 
+A streaming operation (``Operation.streams``, e.g. generated tokens) first
+sends any number of partial replies, then its one reply as above::
+
+    {"v": 1, "id": "01J...", "ok": true, "partial": ...}
+
 Error codes are those of :mod:`memos.errors` (``invalid_request``, ``too_large``,
 ``unknown_operation``, ``not_found``, ``denied``, ``unauthenticated``,
 ``conflict``, ``storage_error``, ``unavailable``, ``internal``...). A frame
@@ -107,6 +112,10 @@ def _validate(model: type[Args], data: Any, what: str) -> Any:
 
 def ok_reply(request_id: str | None, result: Any) -> dict[str, Any]:
     return {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": result}
+
+
+def partial_reply(request_id: str | None, part: Any) -> dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "partial": part}
 
 
 def error_reply(request_id: str | None, error: MemosError) -> dict[str, Any]:

@@ -17,7 +17,8 @@ from .errors import ConfigError, MemosError
 from .jobs import Jobs
 from .memories import memories_at, rows_at, version_in
 from .memtypes import Rows, Services, Snapshot
-from .models import Cube, Memory
+from .models import Cube, Memory, plain
+from .writes import Applied, Write
 
 
 class _Rows(Rows):
@@ -84,6 +85,8 @@ class TypeServices(Services):
         self.state_dir = state_dir
         self.jobs = jobs
         self.executor = executor
+        # How submit() makes a write durable: at once here; the daemon routes it through its writer.
+        self.submitter: Callable[[Write], Any] = self._apply_now
         prefix = f"{name}/"
         self._dbs = {k[len(prefix):]: v for k, v in memos.store.db.items() if k.startswith(prefix)}
 
@@ -128,3 +131,25 @@ class TypeServices(Services):
 
     def check_role(self, actor: Any, cube: str, role: str, op: str) -> Cube:
         return self._memos.cubes.check_role(actor, cube, role, op)
+
+    def own_write(self, actor: Any, op: str, cube: str | None, fn: Callable[[Rows], Any],
+                  request_id: str | None = None, role: str = "write") -> Write:
+        core = self._memos.core
+
+        def run(txn: lmdb.Transaction) -> Applied:
+            if cube is not None:  # checked in the commit, like the core's writes: a refusal is audited once
+                core.require(txn, actor, cube, check.role(role))
+            applied = fn(self.rows_in(txn))
+            return applied if isinstance(applied, Applied) else Applied(applied)
+
+        return Write(actor, op, cube, run, request_id)
+
+    def submit(self, write: Write) -> Any:
+        return self.submitter(write)
+
+    def add(self, actor: Any, cube: str, text: str | None = None, **fields: Any) -> Memory:
+        return Memory.model_validate(self.submit(self._memos.memories.write_add(actor, cube, text, **fields)))
+
+    def _apply_now(self, write: Write) -> Any:
+        """Embedded use: apply the write in this thread (the daemon replaces it by its writer)."""
+        return plain(self._memos.core.run(write))

@@ -10,11 +10,12 @@ import lmdb
 from . import catalog, codec
 from . import validation as check
 from .access import Actor
-from .core import Applied, Core, Write
+from .core import Core
 from .errors import InvalidRequest, NotFound
 from .ledger import ABSENT
 from .memories import _once, version_in
 from .models import Change, Commit, DiffEntry, Memory, Role
+from .writes import Applied, Write
 
 
 class Versions:

@@ -14,6 +14,7 @@ Two halves:
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import os
@@ -31,6 +32,7 @@ from daemon_fixtures import Daemon, _running, make_daemon  # noqa: F401  (fixtur
 from pydantic import BaseModel
 
 from memos import catalog, config
+from memos.client import AsyncClient
 from memos.errors import Denied, InvalidRequest, NotFound
 from memos.memtypes import Item, MemoryType, available, load_types
 from memos.models import Event
@@ -72,7 +74,7 @@ def test_databases_are_named_and_described(memtype):
         assert isinstance(what, str) and what.strip(), f"{memtype.name}/{db} says nothing of what it holds"
 
 
-def test_operations_are_well_formed_and_never_write(memtype):
+def test_operations_are_well_formed(memtype):
     ops = memtype.operations
     assert isinstance(ops, tuple) and all(isinstance(op, Operation) for op in ops)
     names = [op.name for op in ops]
@@ -81,16 +83,18 @@ def test_operations_are_well_formed_and_never_write(memtype):
     assert not set(names) & (set(CORE_OPS) | others), "an operation name is taken"
     for op in ops:
         assert re.fullmatch(r"[a-z][a-z0-9_]{0,63}", op.name), op.name
-        assert op.where in ("inline", "worker", "job"), f"{op.name}: a type's operation may not be {op.where!r}"
-        assert not op.writes
+        assert op.where in ("inline", "worker", "writer", "job"), f"{op.name}: unknown place {op.where!r}"
         assert isinstance(op.args, type) and issubclass(op.args, Args), op.name
         assert op.doc.strip(), f"{op.name} has no doc"
         assert set(op.positional) <= set(op.args.model_fields), op.name
         assert op.result_type is not None  # the client validates replies with it: it must build
         handler = getattr(memtype, op.handler, None)
         assert callable(handler), f"{op.name}: no method {op.handler!r}"
-        # Reads are served as handler(actor, **fields).
-        inspect.signature(handler).bind(None, object(), **dict.fromkeys(op.fields))
+        # Reads are served as handler(actor, **fields), writes with request_id too.
+        extra = {"request_id": None} if op.writes else {}
+        if op.streams:
+            extra["emit"] = print
+        inspect.signature(handler).bind(None, object(), **dict.fromkeys(op.fields), **extra)
 
 
 def test_prepares_only_writes_of_the_core(memtype):
@@ -450,3 +454,51 @@ def test_lifecycle_and_derived_state_across_a_restart(make_daemon):  # noqa: F81
                                                   "version": 1}
     assert admin.tally_weights("tally-restart") == [{"op": "add_many", "counts": [2, 3]}]
     d.stop()
+
+
+def test_a_streaming_operation_sends_partials_before_its_result(daemon, admin):
+    c = "tally-stream"
+    admin.cube_create(c)
+    admin.add_many(c, [tally(2), tally(3), tally(5)])
+    parts: list[int] = []
+    result = admin.tally_stream(c, on_partial=parts.append)
+    assert parts == [2, 3, 5] and result["total"] == 10
+    assert admin.tally_stream(c)["total"] == 10  # without a listener the pieces are dropped
+
+    async def main() -> tuple[list[int], dict]:
+        async with AsyncClient(daemon.socket, timeout=30) as client:
+            got: list[int] = []
+            return got, await client.tally_stream(c, on_partial=got.append)
+
+    got, result = asyncio.run(main())
+    assert got == [2, 3, 5] and result["total"] == 10
+
+
+def test_a_type_writes_its_own_rows_through_the_writer(daemon, admin):
+    c = "tally-notes"
+    admin.cube_create(c)
+    token = admin.agent_add("tally-note-reader")["token"]
+    admin.cube_grant(c, "tally-note-reader", "read")
+    reader = daemon.client(token=token)
+    assert admin.tally_note(c, "checked by hand") == {"cube": c, "note": "checked by hand"}
+    assert reader.tally_notes(c) == [{"cube": c, "note": "checked by hand"}]
+    with pytest.raises(Denied):
+        reader.tally_note(c, "not allowed")
+    assert reader.tally_notes(c)[0]["note"] == "checked by hand"
+    records = [(r.op, r.outcome, r.actor) for r in admin.audit_tail(20) if r.op == "tally_note"]
+    assert records[-2:] == [("tally_note", "ok", "admin"), ("tally_note", "denied", "tally-note-reader")]
+
+
+def test_a_job_writes_a_memory_as_its_caller(daemon, admin):
+    c = "tally-record"
+    admin.cube_create(c)
+    admin.add_many(c, [tally(4), tally(6)])
+    before = admin.cube_get(c).version
+    job = admin.tally_recount(c, record=True)
+    ended = _wait_job(admin, job["id"], lambda j: j["state"] != "running", timeout=10)
+    assert ended["state"] == "done" and ended["detail"]["total"] == 10
+    made = admin.get(c, ended["detail"]["memory"])
+    assert (made.text, made.metadata, made.tags) == ("recounted 10", {"count": 0, "recounted": 10}, ["recount"])
+    assert made.provenance.actor == "admin" and made.version == before + 1
+    assert admin.history(c, limit=1)[0].op == "add"
+    assert admin.audit_verify().ok

@@ -55,6 +55,19 @@ class TallyArgs(Args):
     cube: str = Field(max_length=200)
 
 
+class RecountArgs(TallyArgs):
+    record: bool = False  # also add a tally memory (count 0) that records the result, as the caller
+
+
+class NoteArgs(TallyArgs):
+    note: str = Field(max_length=200)
+
+
+class Note(TypedDict):
+    cube: str
+    note: str
+
+
 class TallyTotal(TypedDict):
     cube: str
     total: int  # sum of the counts of the cube's active tally memories
@@ -91,7 +104,8 @@ class _Totals:
 
 class Tally(MemoryType):
     name = NAME
-    databases = {"weights": "cube \\0 id -> the counts one write carried (JSON), written by prepare()"}
+    databases = {"weights": "cube \\0 id -> the counts one write carried (JSON), written by prepare()",
+                 "notes": "cube -> a note about its tallies (tally_note, an own-rows write)"}
     prepares = frozenset({"add", "add_many", "update"})
     settings_model = TallySettings
     operations = (
@@ -99,9 +113,15 @@ class Tally(MemoryType):
                   "The sum of the counts of a cube's active tally memories.", "total", ("cube",)),
         Operation("tally_weights", TallyArgs, list[Weight], "worker",
                   "The counts each committed write carried, oldest first.", "weights", ("cube",)),
-        Operation("tally_recount", TallyArgs, JobInfo, "job",
+        Operation("tally_recount", RecountArgs, JobInfo, "job",
                   "Recount a cube's tallies in the background (write role); progress in `jobs`.",
                   "recount", ("cube",)),
+        Operation("tally_stream", TallyArgs, TallyTotal, "worker",
+                  "Each active tally's count as a partial reply, then the total.", "stream", ("cube",), streams=True),
+        Operation("tally_note", NoteArgs, Note, "writer", "Keep a note about a cube's tallies (write role).",
+                  "write_note", ("cube", "note")),
+        Operation("tally_notes", TallyArgs, list[Note], "worker", "The note kept about a cube, if any.",
+                  "notes", ("cube",)),
     )
 
     def __init__(self) -> None:
@@ -182,7 +202,27 @@ class Tally(MemoryType):
                 out.append(json.loads(value))
             return out
 
-    def recount(self, actor: Any, cube: str) -> JobInfo:
+    def stream(self, actor: Any, cube: str, emit: Any) -> TallyTotal:
+        with self.services.snapshot(actor, cube, op="tally_stream") as snap:
+            counts = [count_of(m.metadata) for m in snap.memories(type=NAME) if m.status.value == "active"]
+            version = snap.version
+        for count in counts:
+            emit(count)
+        return {"cube": cube, "total": sum(c or 0 for c in counts), "memories": len(counts), "version": version}
+
+    def write_note(self, actor: Any, cube: str, note: str, request_id: str | None = None) -> Any:
+        def fn(rows: Any) -> Note:
+            rows.put("notes", cube.encode(), note.encode())
+            return {"cube": cube, "note": note}
+
+        return self.services.own_write(actor, "tally_note", cube, fn, request_id)
+
+    def notes(self, actor: Any, cube: str) -> list[Note]:
+        with self.services.snapshot(actor, cube, op="tally_notes") as snap:
+            raw = snap.rows.get("notes", cube.encode())
+        return [] if raw is None else [{"cube": cube, "note": raw.decode()}]
+
+    def recount(self, actor: Any, cube: str, record: bool = False) -> JobInfo:
         with self.services.snapshot(actor, cube, op="tally_recount", role="write") as snap:
             name, version = snap.cube.name, snap.version
             ids = [m.id for m in snap.memories(type=NAME)]
@@ -201,6 +241,10 @@ class Tally(MemoryType):
                     total += count_of(mem["metadata"]) or 0
                 progress.advance(1, total=total, version=version)
             progress.advance(0, total=total, version=version)
+            if record:  # a job's result becomes a memory, written like a client's add
+                made = self.services.add(actor, name, f"recounted {total}", type=NAME,
+                                         metadata={"count": 0, "recounted": total}, tags=["recount"])
+                progress.advance(0, memory=made.id)
             return total
 
         job, _ = self.services.jobs.run(self.services.executor, "tally_recount", name, len(ids), work)
