@@ -48,8 +48,9 @@ class MemoryTypes:
 
     def start(self, commit: Callable[[Job], None], fail: Callable[[Job, MemosError], None]) -> None:
         """Start each type, then the prepare stages that feed ``commit`` (the writer)."""
+        routes = self.memos.routes()
         for services in self.services.values():
-            services.submitter = self._through(commit)
+            services.attach(self._through(commit), routes)
         for name, memtype in self.types.items():
             memtype.start(self.services[name])
         self.stages = PrepareStages([

@@ -180,6 +180,16 @@ class Services(ABC):
         """
 
     @abstractmethod
+    def call(self, op: str, actor: Any, **args: Any) -> Any:
+        """Run another read operation (the core's or another type's) as ``actor``; its result as plain data.
+
+        How types use each other without importing each other: activation
+        asks plaintext's ``search`` for the memories a prompt needs. Only
+        operations that run on a worker or inline; UnknownOperation if no
+        registered type declares ``op``.
+        """
+
+    @abstractmethod
     def submit(self, write: Write) -> Any:
         """Make ``write`` durable through the core's write path and return its result (plain data).
 

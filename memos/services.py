@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from . import validation as check
 from .api import Memos
-from .errors import ConfigError, MemosError
+from .errors import ConfigError, InvalidRequest, MemosError, UnknownOperation
 from .jobs import Jobs
 from .memories import memories_at, rows_at, version_in
 from .memtypes import Rows, Services, Snapshot
@@ -85,6 +85,7 @@ class TypeServices(Services):
         self.state_dir = state_dir
         self.jobs = jobs
         self.executor = executor
+        self._routes: dict[str, Any] | None = None  # the daemon's routing table, once it is bound
         # How submit() makes a write durable: at once here; the daemon routes it through its writer.
         self.submitter: Callable[[Write], Any] = self._apply_now
         prefix = f"{name}/"
@@ -143,6 +144,21 @@ class TypeServices(Services):
             return applied if isinstance(applied, Applied) else Applied(applied)
 
         return Write(actor, op, cube, run, request_id)
+
+    def attach(self, submitter: Callable[[Write], Any], routes: dict[str, Any]) -> None:
+        """In the daemon: writes go through its writer, calls through its routing table."""
+        self.submitter = submitter
+        self._routes = routes
+
+    def call(self, op: str, actor: Any, **args: Any) -> Any:
+        route = self._memos.routes().get(op) if self._routes is None else self._routes.get(op)
+        if route is None or route.op.where not in ("inline", "worker") or route.op.streams:
+            raise UnknownOperation(f"no read operation {op!r} to call", op=op)
+        try:
+            parsed = route.op.args.model_validate(args)
+        except ValidationError as exc:
+            raise InvalidRequest(f"{op}: {exc.errors(include_url=False)[0]['msg']}") from None
+        return plain(route(actor, parsed))
 
     def submit(self, write: Write) -> Any:
         return self.submitter(write)

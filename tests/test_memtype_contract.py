@@ -502,3 +502,13 @@ def test_a_job_writes_a_memory_as_its_caller(daemon, admin):
     assert made.provenance.actor == "admin" and made.version == before + 1
     assert admin.history(c, limit=1)[0].op == "add"
     assert admin.audit_verify().ok
+
+
+def test_a_type_calls_another_operation_through_its_services(daemon, admin):
+    c = "tally-calls"
+    admin.cube_create(c)
+    admin.add_many(c, [tally(1), tally(2)])
+    assert admin.tally_listed(c) == 2  # tally's own operation, counting through the core's `list`
+    token = admin.agent_add("tally-calls-outsider")["token"]
+    with pytest.raises(Denied):  # the call runs as the caller, with the caller's rights
+        daemon.client(token=token).tally_listed(c)

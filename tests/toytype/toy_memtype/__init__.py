@@ -122,6 +122,9 @@ class Tally(MemoryType):
                   "write_note", ("cube", "note")),
         Operation("tally_notes", TallyArgs, list[Note], "worker", "The note kept about a cube, if any.",
                   "notes", ("cube",)),
+        Operation("tally_listed", TallyArgs, int, "worker",
+                  "How many tally memories the core's `list` shows (a call through the services).",
+                  "listed", ("cube",)),
     )
 
     def __init__(self) -> None:
@@ -216,6 +219,9 @@ class Tally(MemoryType):
             return {"cube": cube, "note": note}
 
         return self.services.own_write(actor, "tally_note", cube, fn, request_id)
+
+    def listed(self, actor: Any, cube: str) -> int:
+        return sum(1 for m in self.services.call("list", actor, cube=cube) if m["type"] == NAME)
 
     def notes(self, actor: Any, cube: str) -> list[Note]:
         with self.services.snapshot(actor, cube, op="tally_notes") as snap:
