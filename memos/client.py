@@ -342,11 +342,20 @@ class Client(AsyncClient):
         self._local = threading.local()
 
     def events(self, cube: str | None = None, timeout: float | None = None) -> Iterator[Event]:  # type: ignore[override]
-        """Change events; stops after ``timeout`` seconds without one (None: never)."""
+        """Change events; stops after ``timeout`` seconds without one (None: never).
+
+        The subscription is made when this returns, not at the first ``next``:
+        a caller can subscribe, then start what it wants to watch. (ZeroMQ
+        needs a moment, well under a second, to carry it to the daemon.)
+        """
         sub = zmq.Context.instance().socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.connect(f"ipc://{self.socket_path}.events")
         sub.setsockopt(zmq.SUBSCRIBE, cube.encode() if cube else b"")
+        return self._events(sub, cube, timeout)
+
+    @staticmethod
+    def _events(sub: zmq.Socket, cube: str | None, timeout: float | None) -> Iterator[Event]:
         try:
             while sub.poll(None if timeout is None else int(timeout * 1000)):
                 topic, body = sub.recv_multipart()
