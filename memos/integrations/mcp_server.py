@@ -168,7 +168,7 @@ def build_server(memos: Memosd) -> MCPServer:
         async def work() -> CallToolResult:
             hits = await memos.call(lambda: client.search(cube, query, k=k, tags=tags, metadata=metadata, at=at))
             return framed(Memories(cube=cube, memories=[memory_out(h.memory, h.score) for h in hits]),
-                       framing_text(f"{len(hits)} memories from cube {cube!r} matching the query, best first"))
+                          framing_text(f"{len(hits)} memories from cube {cube!r} matching the query, best first"))
         return await guarded(work)
 
     @tool("add", ("add", "add_many"), ADD,
@@ -199,7 +199,7 @@ def build_server(memos: Memosd) -> MCPServer:
                 stored = [await memos.call(lambda: client.add(cube, text, tags=tags, metadata=metadata))]
             version = max((m.version for m in stored), default=0)
             return framed(Memories(cube=cube, memories=[memory_out(m) for m in stored]),
-                       framing_text(f"Stored {len(stored)} memories in cube {cube!r} (cube version {version})"))
+                          framing_text(f"Stored {len(stored)} memories in cube {cube!r} (cube version {version})"))
         return await guarded(work)
 
     @tool("get", ("get",), READ,
@@ -250,7 +250,7 @@ def build_server(memos: Memosd) -> MCPServer:
             m = await memos.call(lambda: client.update(cube, id, text, tags=tags, metadata=metadata, status=status,
                                                        expected_version=expected_version))
             return framed(Memories(cube=cube, memories=[memory_out(m)]),
-                       framing_text(f"Updated memory {id} of cube {cube!r} (cube version {m.version})"))
+                          framing_text(f"Updated memory {id} of cube {cube!r} (cube version {m.version})"))
         return await guarded(work)
 
     @tool("delete", ("delete",), CHANGE,
@@ -263,7 +263,7 @@ def build_server(memos: Memosd) -> MCPServer:
         async def work() -> CallToolResult:
             m = await memos.call(lambda: client.delete(cube, id, expected_version=expected_version))
             return framed(Memories(cube=cube, memories=[memory_out(m)]),
-                       framing_text(f"Deleted memory {id} of cube {cube!r} (cube version {m.version})"))
+                          framing_text(f"Deleted memory {id} of cube {cube!r} (cube version {m.version})"))
         return await guarded(work)
 
     @tool("history", ("history",), READ,
@@ -290,7 +290,7 @@ def build_server(memos: Memosd) -> MCPServer:
                                   before=e.before and memory_out(e.before), after=e.after and memory_out(e.after))
                        for e in entries]
             return framed(Diff(cube=cube, v1=v1, v2=v2, changes=changes),
-                       framing_text(f"{len(changes)} memories differ between versions {v1} and {v2} of cube {cube!r}"))
+                          framing_text(f"{len(changes)} memories differ between versions {v1} and {v2} of cube {cube!r}"))
         return await guarded(work)
 
     @tool("rollback", ("rollback",), CHANGE,
@@ -318,7 +318,7 @@ def build_server(memos: Memosd) -> MCPServer:
             report = await memos.call(lambda: client.audit_verify(checkpoint and checkpoint.model_dump()))
             head = AuditHead(seq=report.head.seq, head=report.head.head) if report.head else None
             return framed(AuditReport(ok=report.ok, records=report.records, head=head, first_bad=report.first_bad,
-                                   reason=report.reason))
+                          reason=report.reason))
         return await guarded(work)
 
     @tool("generate", ("generate",), READ,
