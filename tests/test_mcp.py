@@ -87,8 +87,10 @@ def test_tools_add_search_history_rollback(daemon, admin, tmp_path):
         async with stdio_session(daemon.socket, log=tmp_path / "server.log") as s:
             tools = {t.name: t for t in (await s.list_tools()).tools}
             assert {"search", "add", "get", "list", "update", "delete", "history", "diff", "rollback",
-                    "audit_verify", "generate", "activate", "activations"} <= tools.keys()
+                    "audit_verify", "generate", "activate", "activations", "cubes"} <= tools.keys()
             assert "distill" not in tools
+            listed = payload(await s.call_tool("cubes", {}))
+            assert "mcp-notes" in [c["name"] for c in listed["cubes"]] and listed["agent"] == "admin"
             for tool in tools.values():
                 assert tool.description and tool.input_schema["type"] == "object"
             assert tools["search"].input_schema["required"] == ["cube", "query"]

@@ -45,6 +45,11 @@ class MemoryOut(BaseModel):
     score: float | None = Field(None, description="Search relevance (search only); higher is better.")
 
 
+class CubeList(BaseModel):
+    agent: str
+    cubes: list[dict[str, Any]]  # name, owner, version, created_at, role, uri
+
+
 class Memories(BaseModel):
     note: str = NOTE
     cube: str

@@ -46,6 +46,7 @@ from .mcp_http import BearerOnly, loopback, transport_security
 from .mcp_results import (
     ActivationOut,
     Activations,
+    CubeList,
     AuditHead,
     AuditReport,
     Diff,
@@ -318,7 +319,7 @@ def build_server(memos: Memosd) -> MCPServer:
             report = await memos.call(lambda: client.audit_verify(checkpoint and checkpoint.model_dump()))
             head = AuditHead(seq=report.head.seq, head=report.head.head) if report.head else None
             return framed(AuditReport(ok=report.ok, records=report.records, head=head, first_bad=report.first_bad,
-                          reason=report.reason))
+                                      reason=report.reason))
         return await guarded(work)
 
     @tool("generate", ("generate",), READ,
@@ -378,17 +379,29 @@ def build_server(memos: Memosd) -> MCPServer:
 
     # -- resources --------------------------------------------------------------------------
 
+    async def readable_cubes() -> CubeList:
+        found = await memos.call(client.cube_list)
+        me = await memos.call(client.whoami)
+        rows = [{"name": c.name, "owner": c.owner, "version": c.version, "created_at": iso_time(c.created_at),
+                 "role": _role(c, me), "uri": f"memos://cube/{c.name}"} for c in found]
+        return CubeList(agent=me["agent"], cubes=rows)
+
+    @tool("cubes", ("cube_list",), READ,
+          "List the cubes (memory collections) this agent may read, with owner, current version and the "
+          "agent's role on each. Use a cube's name in the other tools.")
+    async def cubes_tool() -> Annotated[CallToolResult, CubeList]:
+        async def work() -> CallToolResult:
+            return framed(await readable_cubes())
+        return await guarded(work)
+
     @app.resource("memos://cubes", name="cubes", mime_type="application/json",
                   description="The cubes this agent may read: name, owner, current version, its role.")
     async def cubes() -> str:
         try:
-            found = await memos.call(client.cube_list)
-            me = await memos.call(client.whoami)
+            listing = await readable_cubes()
         except MemosError as exc:
             raise resource_error(exc, "memos://cubes") from None
-        rows = [{"name": c.name, "owner": c.owner, "version": c.version, "created_at": iso_time(c.created_at),
-                 "role": _role(c, me), "uri": f"memos://cube/{c.name}"} for c in found]
-        return json.dumps({"agent": me["agent"], "cubes": rows}, indent=1)
+        return json.dumps(listing.model_dump(), indent=1)
 
     @app.resource("memos://cube/{name}", name="cube", mime_type="application/json",
                   description="One cube: owner, version, ACL and how many memories of each type and status it holds.")
