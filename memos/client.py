@@ -62,6 +62,10 @@ class _RequestIds:
 
 
 _rids = _RequestIds()
+
+
+def _ignore(part: Any) -> None:
+    """Where a stream's pieces go when the caller does not listen."""
 os.register_at_fork(after_in_child=_rids.renew)
 
 
@@ -112,7 +116,12 @@ class AsyncClient:
                 listener = self._partials.get(rid)
                 if listener is not None:
                     listener[1] = time.monotonic()
-                    listener[0](reply["partial"])
+                    try:
+                        listener[0](reply["partial"])
+                    except Exception as exc:  # the caller's callback failed: its call fails, not the reader
+                        future = self._pending.pop(rid, None)
+                        if future is not None and not future.done():
+                            future.set_exception(exc)
                 continue
             future = self._pending.pop(rid, None)
             if future is not None and not future.done():
@@ -144,23 +153,27 @@ class AsyncClient:
         raise from_wire(str(error.get("code", "internal")), str(error.get("message", "")),
                         error.get("details") if isinstance(error.get("details"), dict) else None)
 
-    def _gave_up(self) -> Timeout:
-        return Timeout(f"no reply from memosd at {self.socket_path} after "
-                       f"{self.retries + 1} tries of {self.timeout}s")
+    def _tries(self, op: str) -> int:
+        """Sends of one request: a timed-out one is resent with the same id, except a stream's."""
+        spec = OPERATIONS.get(op)
+        return 1 if spec is not None and spec.streams else self.retries + 1
+
+    def _gave_up(self, tries: int) -> Timeout:
+        return Timeout(f"no reply from memosd at {self.socket_path} after {tries} tries of {self.timeout}s")
 
     async def call(self, op: str, on_partial: Callable[[Any], None] | None = None, **args: Any) -> Any:
         """Send one request and return its result, raising the daemon's error.
 
         ``on_partial`` gets each partial result of a streaming operation as it
-        arrives; each one also restarts the wait for the next.
+        arrives; each one also restarts the wait for the next. A streaming
+        operation is never resent: a second run would stream its pieces too.
         """
         rid, frame = self._frame(op, args)
         sock = self._connect()
-        for _ in range(self.retries + 1):
+        for _ in range(self._tries(op)):
             future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
             self._pending[rid] = future
-            if on_partial is not None:
-                self._partials[rid] = [on_partial, time.monotonic()]
+            self._partials[rid] = [on_partial or _ignore, time.monotonic()]
             await sock.send(frame)
             try:
                 while True:
@@ -175,7 +188,7 @@ class AsyncClient:
             finally:
                 self._pending.pop(rid, None)
                 self._partials.pop(rid, None)
-        raise self._gave_up()
+        raise self._gave_up(self._tries(op))
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -310,7 +323,7 @@ class Client(AsyncClient):
         rid, frame = self._frame(op, args)
         sock = self._socket()
         full_ms = max(1, int(self.timeout * 1000))
-        for _ in range(self.retries + 1):
+        for _ in range(self._tries(op)):
             sock.send(frame)
             deadline = time.monotonic() + self.timeout
             wait_ms = full_ms
@@ -332,7 +345,7 @@ class Client(AsyncClient):
                 if left <= 0:
                     break
                 wait_ms = max(1, int(left * 1000))
-        raise self._gave_up()
+        raise self._gave_up(self._tries(op))
 
     def close(self) -> None:  # type: ignore[override]
         with self._sockets_lock:

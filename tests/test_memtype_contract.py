@@ -33,7 +33,7 @@ from pydantic import BaseModel
 
 from memos import catalog, config
 from memos.client import AsyncClient
-from memos.errors import Denied, InvalidRequest, NotFound
+from memos.errors import Denied, InvalidRequest, NotFound, Timeout
 from memos.memtypes import Item, MemoryType, available, load_types
 from memos.models import Event
 from memos.operations import Args, Operation
@@ -512,3 +512,28 @@ def test_a_type_calls_another_operation_through_its_services(daemon, admin):
     token = admin.agent_add("tally-calls-outsider")["token"]
     with pytest.raises(Denied):  # the call runs as the caller, with the caller's rights
         daemon.client(token=token).tally_listed(c)
+
+
+def test_a_stream_is_never_resent_and_a_failing_listener_fails_only_its_call(daemon, admin):
+    c = "tally-stream-once"
+    admin.cube_create(c)
+    admin.add_many(c, [tally(2), tally(3)])
+    impatient = daemon.client(timeout=0.0005, retries=3)  # would resend a read that is slower than this
+    parts: list[int] = []
+    try:
+        impatient.tally_stream(c, on_partial=parts.append)
+    except Timeout:
+        pass
+    time.sleep(0.5)
+    assert parts in ([], [2], [2, 3])  # one run's pieces at most, never a second run's
+
+    async def main() -> None:
+        async with AsyncClient(daemon.socket, timeout=30) as client:
+            def broken(part: int) -> None:
+                raise ValueError("listener bug")
+
+            with pytest.raises(ValueError, match="listener bug"):
+                await client.tally_stream(c, on_partial=broken)
+            assert (await client.ping())["pong"]  # the connection still serves the next call
+
+    asyncio.run(main())
