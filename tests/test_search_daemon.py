@@ -266,3 +266,34 @@ def test_reindex_is_a_background_job_for_cube_admins():
         assert top(c, "ops", "TLS certificate", k=1) == ["renew the TLS certificate"]
     finally:
         d.cleanup()
+
+
+def test_a_client_vector_serves_only_its_own_cube():
+    """A writer of one cube cannot choose the vector that another cube's memory of the same text gets."""
+    from memos.plugins.embedders import load
+
+    hashing = load("hashing")
+    d = Daemon(env={"MEMOS_SEARCH__EMBEDDER": "hashing"}).start()
+    try:
+        admin = d.client(timeout=60)
+        identity = admin.embedder()["identity"]
+        assert identity == hashing.identity
+        token = admin.agent_add("vector-planter")["token"]
+        planter = d.client(token=token)
+        planter.cube_create("planted")
+        lure = hashing.embed(["completely unrelated topic zebra"])[0].astype(np.float32)
+        planter.add_many("planted", [{"text": "password reset procedure", "vector": lure.tobytes()}],
+                         embedder=identity)
+        # In the planter's own cube its vector is used...
+        hit = planter.search("planted", "completely unrelated topic zebra", k=1)[0]
+        assert hit.memory.text == "password reset procedure" and hit.dense > 0.99
+        # ...but the same text in another cube gets the daemon's own vector.
+        admin.cube_create("victim")
+        admin.add("victim", "password reset procedure")
+        admin.add("victim", "the zebra crossing by the school")
+        hits = admin.search("victim", "completely unrelated topic zebra", k=2)
+        by_text = {h.memory.text: h.dense for h in hits}
+        assert by_text["password reset procedure"] < 0.9
+        d.stop()
+    finally:
+        d.cleanup()

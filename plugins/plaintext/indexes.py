@@ -265,7 +265,7 @@ class Indexes:
             gone = [m for m in memory_ids if m not in mems or not searchable(mems[m])]
             if keep:
                 docs = [doc(m) for m in keep]
-                index.upsert(docs, self.vectors.vectors_for([d.key for d in docs]))
+                index.upsert(docs, self.vectors.vectors_for([d.key for d in docs], cube=cube))
             if gone:
                 index.remove(gone)
         if index is st.index:
@@ -374,7 +374,7 @@ class Indexes:
             for start in range(0, len(docs), _BUILD_CHUNK):
                 job.check()
                 chunk = docs[start:start + _BUILD_CHUNK]
-                index.upsert(chunk, self.vectors.vectors_for([d.key for d in chunk], job))
+                index.upsert(chunk, self.vectors.vectors_for([d.key for d in chunk], job, cube=cube))
             self._save(cube, index, version)
             return index, version
 

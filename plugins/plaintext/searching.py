@@ -139,7 +139,7 @@ class Searcher:
         index = HybridIndex(self.vectors.model.dim, replace(self.indexes.config(), ann_threshold=1 << 62))
         docs = [doc(m) for m in found]
         if docs:
-            index.upsert(docs, self.vectors.vectors_for([d.key for d in docs]))
+            index.upsert(docs, self.vectors.vectors_for([d.key for d in docs], cube=key[0]))
         built = (index, {m.id: m.model_dump(mode="json") for m in found})
         if len(docs) <= _PAST_DOCS:
             with self._lock:

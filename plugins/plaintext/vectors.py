@@ -105,19 +105,31 @@ class Vectors:
 
     # -- stored vectors -------------------------------------------------
 
-    def key(self, text: str) -> bytes:
-        return self._id_hash + hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+    def key(self, text: str, cube: str | None = None) -> bytes:
+        """Where a search key's vector is stored: shared by every cube when the model made it;
+        under ``cube`` alone when a client sent it, so that no writer of one cube can choose the
+        vector another cube's memory of the same text gets."""
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+        if cube is None:
+            return self._id_hash + digest
+        return self._id_hash + b"c" + hashlib.sha256(cube.encode() + b"\0" + digest).digest()
 
-    def stored(self, rows: Rows, keys: Sequence[str]) -> list[np.ndarray | None]:
+    def stored(self, rows: Rows, keys: Sequence[str], cube: str | None = None) -> list[np.ndarray | None]:
+        """Stored vectors of ``keys``: the cube's own (client-made) first, else the shared ones."""
         out: list[np.ndarray | None] = []
         for key in keys:
-            raw = rows.get(DB, self.key(key))
+            raw = rows.get(DB, self.key(key, cube)) if cube is not None else None
+            if raw is None:
+                raw = rows.get(DB, self.key(key))
             out.append(None if raw is None else np.frombuffer(raw, dtype=np.float32))
         return out
 
-    def writer(self, vectors: dict[str, np.ndarray]):
-        """A function storing ``vectors`` (search key -> vector) in a transaction; existing rows win."""
-        items = [(self.key(k), np.asarray(v, dtype=np.float32).tobytes()) for k, v in vectors.items()]
+    def writer(self, vectors: dict[str, np.ndarray], cube: str | None = None):
+        """A function storing ``vectors`` (search key -> vector) in a transaction; existing rows win.
+
+        ``cube``: client-made vectors, stored for that cube only.
+        """
+        items = [(self.key(k, cube), np.asarray(v, dtype=np.float32).tobytes()) for k, v in vectors.items()]
 
         def put(rows: Rows) -> None:
             for key, value in items:
@@ -125,13 +137,13 @@ class Vectors:
 
         return put
 
-    def vectors_for(self, keys: Sequence[str], job: Progress | None = None) -> np.ndarray:
-        """Vectors of ``keys``: stored ones read, missing ones embedded and stored.
+    def vectors_for(self, keys: Sequence[str], job: Progress | None = None, cube: str | None = None) -> np.ndarray:
+        """Vectors of ``keys`` in ``cube``: stored ones read, missing ones embedded and stored (shared).
 
         ``job`` is advanced per vector and checked for cancellation between model calls.
         """
         with self.services.read_rows() as rows:
-            found = self.stored(rows, keys)
+            found = self.stored(rows, keys, cube)
         missing = [i for i, v in enumerate(found) if v is None]
         if job is not None:
             job.advance(len(keys) - len(missing))
@@ -183,9 +195,12 @@ class Vectors:
                 p.fail(InternalError(f"embedding failed: {type(exc).__name__}"))
             return
         for p, ks, given in plans:
-            fresh = {k: g if g is not None else made[k] for k, g in zip(ks, given) if k not in stored}
+            fresh = {k: made[k] for k, g in zip(ks, given) if g is None and k not in stored}
             if fresh:
                 p.also(self.writer(fresh))
+            sent = {k: g for k, g in zip(ks, given) if g is not None}
+            if sent:  # a client's vectors serve its own cube only
+                p.also(self.writer(sent, cube=p.cube))
 
     def _keys(self, p: Pending) -> tuple[list[str], list[np.ndarray | None]]:
         """Search keys a write will store, with client-made vectors where given."""
