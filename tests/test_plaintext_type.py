@@ -192,11 +192,11 @@ def test_reindex_keeps_commits_made_while_it_builds(harness, memos, monkeypatch)
     building, release = threading.Event(), threading.Event()
     vectors_for = harness.type._vectors.vectors_for
 
-    def slow(keys, job=None):
+    def slow(keys, job=None, cube=None):
         if job is not None:  # the build, after reading the cube
             building.set()
             assert release.wait(30)
-        return vectors_for(keys, job)
+        return vectors_for(keys, job, cube)
 
     monkeypatch.setattr(harness.type._vectors, "vectors_for", slow)
     started = harness.type.reindex(ALICE, "notes")
@@ -250,12 +250,12 @@ def _cancel_a_reindex_midway(harness, monkeypatch) -> None:
     building, release = threading.Event(), threading.Event()
     vectors_for = harness.type._vectors.vectors_for
 
-    def slow(keys, job=None):
+    def slow(keys, job=None, cube=None):
         if job is not None and not release.is_set():
             building.set()
             assert release.wait(30)
             job.check()
-        return vectors_for(keys, job)
+        return vectors_for(keys, job, cube)
 
     monkeypatch.setattr(harness.type._vectors, "vectors_for", slow)
     job = harness.type.reindex(ALICE, "notes")["job"]
