@@ -400,3 +400,22 @@ def test_smollm2_restored_prefix_matches_a_full_run(smol):
     cached = smol.generate(question, KVCache.from_safetensors(data, expect=smol), 16)
     assert cached.token_ids == plain.token_ids
     print(f"SmolLM2, {cache.tokens}-token prefix: max |logit diff| fp32 {fp32:.2e}, bf16 {bf16:.3f}")
+
+
+def test_a_tiny_blob_claiming_millions_of_layers_is_refused_at_once():
+    import time as _time
+
+    from safetensors.torch import save
+    import torch
+
+    from memos.errors import IntegrityError
+    from memos.plugins.models.kv import FORMAT, VERSION, KVCache
+
+    t = torch.zeros(1, 1, 1, 1)
+    blob = save({"layers.0.keys": t, "layers.0.values": t.clone()},
+                metadata={"format": FORMAT, "version": VERSION, "layers": "3000000", "tokens": "1",
+                          "dtype": "float32", "model": "x"})
+    start = _time.perf_counter()
+    with pytest.raises(IntegrityError):
+        KVCache.from_safetensors(blob)
+    assert _time.perf_counter() - start < 1.0

@@ -26,6 +26,7 @@ import torch
 from memos.errors import IntegrityError, InvalidRequest, ModelMismatch
 
 FORMAT = "memos-kv"
+_MAX_TOKENS = 1 << 20  # far above any context length a cache is built for
 VERSION = "1"
 MAX_HEADER = 16 << 20  # bytes of safetensors header: JSON of a few hundred tensors' offsets and the ids
 
@@ -174,8 +175,12 @@ class KVCache:
             layers, tokens = int(metadata["layers"]), int(metadata["tokens"])
             dtype = metadata["dtype"]
             ids = json.loads(metadata["ids"]) if "ids" in metadata else None
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError, RecursionError) as exc:
             raise IntegrityError(f"KV cache metadata is incomplete or malformed: {exc!r}") from exc
+        # Bounded before anything is built from them: a few hundred bytes must not claim a million layers.
+        if len(names) != 2 * layers or tokens > _MAX_TOKENS:
+            raise IntegrityError(f"KV cache metadata claims {layers} layers and {tokens} tokens "
+                                 f"but holds {len(names)} tensors")
         if layers < 1 or tokens < 0 or dtype not in DTYPES:
             raise IntegrityError(f"KV cache metadata out of range: layers={layers}, tokens={tokens}, dtype={dtype!r}")
         expected = {f"layers.{i}.{part}" for i in range(layers) for part in ("keys", "values")}
@@ -221,7 +226,7 @@ def _read_header(data: bytes) -> tuple[dict[str, str], list[str]]:
         raise IntegrityError(f"KV cache header claims {size} bytes; {len(data) - 8} follow")
     try:
         header = json.loads(data[8:8 + size])
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise IntegrityError(f"KV cache header is not JSON: {exc}") from exc
     if not isinstance(header, dict):
         raise IntegrityError("KV cache header is not a JSON object")
