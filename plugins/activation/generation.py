@@ -46,10 +46,11 @@ class Candidate:
     sources: list[tuple[str, int]]
     stale_sources: list[str]
     mem: dict[str, Any] = field(repr=False)
+    mismatch: bool = False  # no sources, or a preamble of another format or text: never injected
 
     @property
     def stale(self) -> bool:
-        return bool(self.stale_sources)
+        return bool(self.stale_sources) or self.mismatch
 
 
 def model_key(metadata: Any) -> str:
@@ -77,10 +78,12 @@ def candidate(snap: Snapshot, mem: dict[str, Any]) -> Candidate:
                 or head["type"] != PLAINTEXT or not head.get("text")):
             stale.append(memory_id)
     metadata = mem.get("metadata") or {}
+    mismatch = not sources  # a cache that names no memories holds nothing anyone can check
     if not stale and (metadata.get("format") != preamble.FORMAT or metadata.get("preamble_sha256")
                       != preamble.sha256([heads[memory_id]["text"] for memory_id, _ in sources])):
         stale = [memory_id for memory_id, _ in sources]  # built from another preamble: rebuild it
-    return Candidate(mem["id"], mem["version"], model_key(metadata), sources, stale, mem)
+        mismatch = True
+    return Candidate(mem["id"], mem["version"], model_key(metadata), sources, stale, mem, mismatch)
 
 
 def activations(snap: Snapshot) -> list[Candidate]:
