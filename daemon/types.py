@@ -101,7 +101,10 @@ class MemoryTypes:
         if self.stages is not None:
             self.stages.stop()
         for memtype in self.types.values():
-            memtype.stop()
+            try:  # one type's failure must not leave the others running, nor the store open
+                memtype.stop()
+            except Exception:
+                log.exception("stopping memory type failed", extra={"type": memtype.name})
         self.executor.shutdown(wait=True)
 
     def close(self) -> None:

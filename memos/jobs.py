@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from typing_extensions import TypedDict
@@ -57,10 +57,13 @@ class Progress:
     finished: float | None = None
     detail: dict[str, Any] = field(default_factory=dict)  # what the job reports besides a count (loss, ...)
     cancel_requested: bool = False
+    # The job's thread reports while others read: detail changes and copies are made under it.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def advance(self, n: int = 1, **detail: Any) -> None:
-        self.done += n
-        self.detail.update(detail)
+        with self._lock:
+            self.done += n
+            self.detail.update(detail)
 
     def check(self) -> None:
         """Raise Cancelled if a client asked to cancel this job: call it between steps."""
@@ -82,9 +85,10 @@ class Progress:
         log.error("job failed", extra={"job": self.id, "kind": self.kind, "cube": self.cube, "error": self.error})
 
     def to_wire(self) -> dict[str, Any]:
-        out = asdict(self)
-        del out["cancel_requested"]
-        return out
+        with self._lock:
+            return {"id": self.id, "kind": self.kind, "cube": self.cube, "total": self.total, "done": self.done,
+                    "state": self.state, "error": self.error, "started": self.started, "finished": self.finished,
+                    "detail": dict(self.detail)}
 
 
 class Jobs:
@@ -95,9 +99,9 @@ class Jobs:
         self._lock = threading.Lock()
         self.keep = keep
 
-    def start(self, kind: str, cube: str | None, total: int) -> Progress:
+    def start(self, kind: str, cube: str | None, total: int, detail: dict[str, Any] | None = None) -> Progress:
         """Record a job that the caller runs itself, reporting through the returned Progress."""
-        job = Progress(kind=kind, cube=cube, total=total)
+        job = Progress(kind=kind, cube=cube, total=total, detail=dict(detail or {}))
         with self._lock:
             self._jobs.append(job)
             finished = [j for j in self._jobs if j.state != "running"]
@@ -107,9 +111,12 @@ class Jobs:
         return job
 
     def run(self, executor: Executor, kind: str, cube: str | None, total: int,
-            work: Callable[[Progress], Any]) -> tuple[Progress, Future]:
-        """Start ``work(progress)`` on ``executor`` as a job; it finishes, fails or is cancelled by itself."""
-        job = self.start(kind, cube, total)
+            work: Callable[[Progress], Any], detail: dict[str, Any] | None = None) -> tuple[Progress, Future]:
+        """Start ``work(progress)`` on ``executor`` as a job; it finishes, fails or is cancelled by itself.
+
+        ``detail``: what the job says about itself from the start (set before it runs).
+        """
+        job = self.start(kind, cube, total, detail)
 
         def run() -> Any:
             try:

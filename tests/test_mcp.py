@@ -284,9 +284,12 @@ def test_http_transport(daemon, admin, tmp_path):
 def test_http_refuses_other_hosts_and_the_local_administrator():
     env = {**os.environ, **BASE_ENV}
     env.pop("MEMOS_TOKEN", None)
-    wide = subprocess.run([*SERVER, "--transport", "http", "--host", "0.0.0.0", "--token", "x.y"],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=30)
+    wide = subprocess.run([*SERVER, "--transport", "http", "--host", "0.0.0.0"],
+                          capture_output=True, text=True, env={**env, "MEMOS_TOKEN": "x.y"}, cwd=ROOT, timeout=30)
     assert wide.returncode == 2 and "not a loopback address" in wide.stderr
+    argv = subprocess.run([*SERVER, "--transport", "http", "--token", "x.y"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=30)
+    assert argv.returncode == 2 and "MEMOS_TOKEN, not --token" in argv.stderr  # argv is readable by all users
     admin = subprocess.run([*SERVER, "--transport", "http"], capture_output=True, text=True, env=env, cwd=ROOT,
                            timeout=30)
     assert admin.returncode == 2 and "needs an agent's token" in admin.stderr

@@ -477,6 +477,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     token = args.token or os.environ.get("MEMOS_TOKEN") or None
+    if args.transport == "http" and args.token:
+        # The token is the HTTP bearer secret too, and a command line is readable by every local user.
+        parser.error("over HTTP, give the agent's token in MEMOS_TOKEN, not --token (a command line is visible "
+                     "to every user of this machine)")
     if args.transport == "http":
         if not loopback(args.host):
             parser.error(f"--host {args.host} is not a loopback address: memos-mcp serves HTTP on this machine only")

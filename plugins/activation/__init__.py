@@ -150,8 +150,8 @@ class Activation(MemoryType):
             progress.advance(1, folder=str(folder))
             return str(folder)
 
-        job, _ = self.services.jobs.run(self.services.executor, "model_prepare", None, 1, work)
-        job.detail.update(model=name)
+        job, _ = self.services.jobs.run(self.services.executor, "model_prepare", None, 1, work,
+                                        detail={"model": name})
         return job.to_wire()
 
     def activate(self, actor: Any, cube: str, ids: list[str] | None = None, tag: str | None = None,

@@ -98,8 +98,8 @@ class Builder:
             raise TooLarge(f"{len(sources)} memories exceed the limit of {self.services.limits.max_sources} "
                            "sources of one memory", field="ids")
         work = self._work(actor, cube_name, name, sources)
-        job, _ = self.services.jobs.run(self.services.executor, "activate", cube_name, 3, work)
-        job.detail.update(model=name, memories=len(sources))
+        job, _ = self.services.jobs.run(self.services.executor, "activate", cube_name, 3, work,
+                                        detail={"model": name, "memories": len(sources)})
         with self._lock:
             self._jobs = [j for j in self._jobs if j.state == "running"] + [job]
         return job.to_wire()

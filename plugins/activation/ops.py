@@ -7,7 +7,7 @@ a model.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 from typing_extensions import TypedDict
@@ -54,7 +54,7 @@ class GenerateArgs(Args):
     temperature: float = Field(0.0, ge=0.0, le=100.0)  # 0: greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: list[str] | None = Field(None, max_length=16)
+    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(None, max_length=16)
 
 
 class ModelEntry(TypedDict):
