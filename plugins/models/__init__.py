@@ -188,9 +188,9 @@ class CausalLM(ABC):
 
     A backend class is constructed by :func:`load` as ``cls(name, folder, spec)``
     with the model's local folder already resolved. Every method may be slow
-    (model work): in the daemon it runs on the **model executor**, the one
-    thread shared by all model work; other code (tests, tools) may call it from
-    any thread. Methods do not lock: callers serialise every use of one model
+    (model work): in the daemon builds run on the **model executor** and
+    generations on the worker that serves them; other code (tests, tools) may
+    call it from any thread. Methods do not lock: callers serialise every use of one model
     with ``with model.lock:`` (a plain ``threading.Lock``), since a forward
     pass already uses every core and torch's thread setting is per process.
 
