@@ -510,3 +510,47 @@ def test_an_activation_memory_without_sources_or_of_another_format_is_stale():
     assert candidate(Heads({"M": head}), mem([], good)).stale  # names nothing: nothing to check it against
     assert candidate(Heads({"M": head}), mem(src, {**good, "format": 99})).stale
     assert candidate(Heads({"M": head}), mem(src, {**good, "preamble_sha256": "0" * 64})).stale
+
+
+def test_generations_waiting_for_a_busy_model_are_bounded():
+    import threading
+
+    from memos.errors import Unavailable
+    from memos.plugins.activation.registry import Registry
+    from memos.plugins.activation.settings import ActivationSettings
+
+    registry = Registry(None, ActivationSettings(max_waiting_generations=1))
+    gate = threading.Lock()
+
+    class Busy:  # stands for a loaded model: only its lock matters here
+        lock = gate
+
+    registry.get = lambda model: Busy()  # type: ignore[method-assign]
+    held = threading.Event()
+    release = threading.Event()
+
+    def generation() -> None:
+        with registry.generating("m"):
+            held.set()
+            release.wait(10)
+
+    running = threading.Thread(target=generation)
+    running.start()
+    assert held.wait(10)
+    def wait_turn() -> None:
+        with registry.generating("m"):
+            pass
+
+    waiting = threading.Thread(target=wait_turn)
+    waiting.start()  # one may wait behind it...
+    for _ in range(100):
+        if registry._generations.get("m") == 2:
+            break
+        threading.Event().wait(0.01)
+    with pytest.raises(Unavailable):  # ...a third is refused at once
+        with registry.generating("m"):
+            pass
+    release.set()
+    running.join(10)
+    waiting.join(10)
+    assert not waiting.is_alive() and registry._generations["m"] == 0

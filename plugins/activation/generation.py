@@ -216,7 +216,7 @@ class Generator:
         self.services.record_reads(cube_name, used)
 
         messages = preamble.chat([m["text"] for m in plan.cached], [m["text"] for m in plan.others], prompt)
-        with self.registry.using(name) as lm:
+        with self.registry.generating(name) as lm:
             ids = lm.chat_ids(messages)
             cache = plan.cache
             if cache is not None:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from memos.errors import ConfigError, MemosError, NotFound
+from memos.errors import ConfigError, MemosError, NotFound, Unavailable
 from memos.memtypes import Services
 from memos.plugins.models import CausalLM, ModelIdentity, ModelSpec, identity_of, load, model_folder
 
@@ -34,6 +34,7 @@ class Registry:
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
         self._loaded: dict[str, tuple[str, CausalLM]] = {}  # name -> (spec key, model)
+        self._generations: dict[str, int] = {}  # name -> generations running or waiting for it
 
     # -- specs ---------------------------------------------------------------
 
@@ -111,6 +112,27 @@ class Registry:
         lm = self.get(model)
         with lm.lock:
             yield lm
+
+    @contextmanager
+    def generating(self, model: str | None) -> Iterator[CausalLM]:
+        """``using`` for a generation, which holds a worker thread while it waits for the model.
+
+        At most ``max_waiting_generations`` wait behind the one running; more
+        are refused with ``unavailable`` at once, so that generations never
+        take every worker and the daemon's other reads keep being served.
+        """
+        name = model or self.settings.default_model
+        with self._lock:
+            if self._generations.get(name, 0) > self.settings.max_waiting_generations:
+                raise Unavailable(f"model {name!r} is busy with {self._generations[name]} generations; retry shortly",
+                                  model=name)
+            self._generations[name] = self._generations.get(name, 0) + 1
+        try:
+            with self.using(model) as lm:
+                yield lm
+        finally:
+            with self._lock:
+                self._generations[name] -= 1
 
     def forget(self) -> None:
         with self._lock:

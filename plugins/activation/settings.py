@@ -27,5 +27,9 @@ class ActivationSettings(BaseModel):
     max_cache_tokens: int = Field(4096, ge=1, description="Longest memory preamble an activation memory may hold.")
     max_new_tokens: int = Field(256, ge=1, description="Tokens generate produces when max_tokens is not given.")
     retrieve_k: int = Field(5, ge=0, le=1000, description="Plaintext memories generate retrieves when k is not given.")
+    max_waiting_generations: int = Field(
+        1, ge=0, le=64,
+        description="Generations that may wait for a model behind the one it runs; more get `unavailable` at once "
+                    "(each waiting one holds a worker thread).")
     threads: int | None = Field(None, ge=1, le=1024,
                                 description="torch threads for model work (a model's own threads setting wins).")
