@@ -554,3 +554,28 @@ def test_generations_waiting_for_a_busy_model_are_bounded():
     running.join(10)
     waiting.join(10)
     assert not waiting.is_alive() and registry._generations["m"] == 0
+
+
+def test_a_blob_is_hashed_before_anything_parses_it(monkeypatch):
+    import hashlib
+
+    from memos.errors import IntegrityError
+    from memos.plugins.activation.generation import Candidate, Generator
+    from memos.plugins.models import kv
+
+    def never(*args, **kwargs):
+        raise AssertionError("a blob was parsed before its sha256 was checked")
+
+    monkeypatch.setattr(kv.KVCache, "from_safetensors", classmethod(never))
+
+    class Snap:
+        class cube:
+            name = "c"
+
+        def blob(self, sha256):
+            return b"not the bytes that were stored"
+
+    stored = hashlib.sha256(b"the bytes that were stored").hexdigest()
+    chosen = Candidate("A", 1, "m", [("M", 1)], [], {"blob": {"sha256": stored}})
+    with pytest.raises(IntegrityError):
+        Generator(None, None, None)._load(Snap(), chosen, "m")
