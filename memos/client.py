@@ -202,6 +202,13 @@ class AsyncClient:
             self._sock.close(linger=0)
             self._sock = None
 
+    def discard(self) -> None:
+        """Close the socket of a client whose event loop is gone (``close`` needs that loop)."""
+        self._reader = None
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
     async def __aenter__(self) -> AsyncClient:
         return self
 

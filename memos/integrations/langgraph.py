@@ -133,6 +133,10 @@ class MemosStore(BaseStore):
         with self._lock:
             client = self._aclients.get(loop)
             if client is None:
+                # A client's reader task holds its loop, so the weak key alone never lets go of
+                # a finished loop's client: drop those of loops that are closed now.
+                for old in [other for other in self._aclients if other.is_closed()]:
+                    self._aclients.pop(old).discard()
                 client = self._aclients[loop] = AsyncClient(self.socket, token=self.token, timeout=self.timeout)
             return client
 
