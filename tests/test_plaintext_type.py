@@ -262,3 +262,22 @@ def _cancel_a_reindex_midway(harness, monkeypatch) -> None:
     assert building.wait(30)
     harness.jobs.cancel(job)
     release.set()
+
+
+def test_an_embedding_failure_refuses_only_the_writes_that_needed_it(harness, memos, monkeypatch):
+    from memos.catalog import AddArgs
+    from memos.errors import Unavailable
+    from memos.memtypes import Pending
+
+    memos.create_cube(ALICE, "notes")
+    harness.type.booted.result(timeout=60)
+
+    def broken(texts):
+        raise Unavailable("the embedder stopped")
+
+    monkeypatch.setattr(harness.type._vectors, "embed", broken)
+    needs = Pending("add", AddArgs.model_validate({"cube": "notes", "text": "a new text to embed"}), "notes")
+    other = Pending("add", AddArgs.model_validate({"cube": "notes", "type": "opaque", "blob": b"kv"}), "notes")
+    harness.type.prepare([needs, other])
+    assert needs.error is not None and needs.error.code == "unavailable"
+    assert other.error is None  # it needed no model: it goes on to the writer

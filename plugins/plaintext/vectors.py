@@ -183,17 +183,21 @@ class Vectors:
         with self.services.read_rows() as rows:
             stored = {k for k, v in zip(keys, self.stored(rows, list(keys))) if v is not None}
         todo = sorted(keys - stored)
+        failure: MemosError | None = None
         try:
             made = dict(zip(todo, self.embed(todo))) if todo else {}
         except MemosError as exc:
-            for p, _, _ in plans:
-                p.fail(exc)
-            return
-        except Exception as exc:  # the model broke: refuse these writes, keep serving
+            failure = exc
+        except Exception as exc:  # the model broke: refuse the writes that needed it, keep serving
             log.exception("embedding writes failed")
-            for p, _, _ in plans:
-                p.fail(InternalError(f"embedding failed: {type(exc).__name__}"))
-            return
+            failure = InternalError(f"embedding failed: {type(exc).__name__}")
+        if failure is not None:
+            missing = set(todo)
+            for p, ks, given in plans:
+                if any(g is None and k in missing for k, g in zip(ks, given)):
+                    p.fail(failure)
+            plans = [plan for plan in plans if plan[0].error is None]
+            made = {}
         for p, ks, given in plans:
             fresh = {k: made[k] for k, g in zip(ks, given) if g is None and k not in stored}
             if fresh:
