@@ -1,10 +1,10 @@
 """The prepare stage: writes that memory types must see before they are committed.
 
-A memory type names the write operations it prepares (plaintext embeds the
-texts of ``add``, ``add_many`` and ``update``). Such writes pass through one
-thread per type, which hands its type everything queued at once, so one
-batched model call serves many requests, then on to the next type that
-prepares the operation, and finally to the writer. The rows a type adds are
+A memory type names the write operations it prepares (a type that searches
+by meaning embeds the texts of ``add``, ``add_many`` and ``update``). Such
+writes pass through one thread per type, which hands its type everything
+queued at once, so one batched model call serves many requests, then on to
+the next type that prepares the operation, and finally to the writer. The rows a type adds are
 written in the write's own transaction.
 """
 

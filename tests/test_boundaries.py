@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +65,7 @@ def test_daemon_imports_no_plugin_and_names_no_memory_type():
         assert not {m for m in _imports(path) if "plugins" in m}, path
         tree = ast.parse(path.read_text())
         strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
-        words = {w for s in strings for w in s.replace("-", " ").replace("_", " ").split()}
+        words = {w for s in strings for w in re.findall(r"[a-z0-9]+", s.lower())}
         identifiers = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
         identifiers |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
         found = names & (strings | words | identifiers)
