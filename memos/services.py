@@ -151,7 +151,9 @@ class TypeServices(Services):
         self._routes = routes
 
     def call(self, op: str, actor: Any, **args: Any) -> Any:
-        route = self._memos.routes().get(op) if self._routes is None else self._routes.get(op)
+        if self._routes is None:  # embedded use: the table of this process's Memos, bound once
+            self._routes = self._memos.routes()
+        route = self._routes.get(op)
         if route is None or route.op.where not in ("inline", "worker") or route.op.streams:
             raise UnknownOperation(f"no read operation {op!r} to call", op=op)
         try:

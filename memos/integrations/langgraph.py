@@ -192,7 +192,7 @@ class MemosStore(BaseStore):
             elif isinstance(op, PutOp):
                 if not op.namespace:
                     raise InvalidNamespaceError("Namespace cannot be empty.")
-                if op.ttl is not None:
+                if op.ttl is not None:  # LangGraph's own refusal for a store with supports_ttl = False
                     raise NotImplementedError("MemosStore does not support TTLs; put with ttl=None")
                 puts[(tuple(op.namespace), str(op.key))] = op
             else:
