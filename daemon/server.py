@@ -25,6 +25,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,9 @@ class Server:
         self.pub = self.zmq.socket(zmq.PUB)
         self.pub.setsockopt(zmq.ZAP_DOMAIN, b"memos")
         self.pub.bind(f"ipc://{self.events_path}")
+        self._pub_lock = threading.Lock()
+        self._pub_closed = False
+        self.memos.jobs.listen(self._publish_job)
         os.chmod(self.socket_path, 0o600)
         os.chmod(self.events_path, 0o600)
         self.pool = ThreadPoolExecutor(self.cfg.read_workers, thread_name_prefix="memosd-worker")
@@ -186,6 +190,8 @@ class Server:
         with self._out_lock:
             for sock in self._out_sockets:
                 sock.close(linger=0)
+        with self._pub_lock:
+            self._pub_closed = True
         for sock in (self.router, self.pub, self._pull):
             sock.close(linger=1000)
         self.zmq.term()
@@ -269,8 +275,14 @@ class Server:
             self._out().send_multipart(frames)
 
     def _publish(self, cube: str, event: dict[str, Any]) -> None:
-        # Only the writer publishes, so it alone uses the PUB socket: no hop.
-        self.pub.send_multipart([cube.encode(), p.encode(event)])
+        # The writer and the jobs' threads publish: a ZeroMQ socket is used by one thread at a time.
+        with self._pub_lock:
+            if not self._pub_closed:
+                self.pub.send_multipart([cube.encode(), p.encode(event)])
+
+    def _publish_job(self, job: dict[str, Any]) -> None:
+        self._publish(job["cube"] or "", {"op": "job", "cube": job["cube"] or "", "actor": "memosd",
+                                          "time": time.time(), "version": 0, "memories": [], "job": job})
 
     def _serve(self, identity: bytes, uid: str | None, payloads: list[bytes], inline: bool = False) -> None:
         """Decode, check and route one request.

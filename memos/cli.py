@@ -64,6 +64,19 @@ def _human(command: str, value: Any) -> str:
             f"{a['size']:>10} bytes  {len(a['sources'])} memories{'  STALE' if a['stale'] else ''}"
             for a in value
         ) or "(no activation memories)"
+    if command == "adapters":
+        return "\n".join(
+            f"{a['memory_id']}  v{a['version']:<5} {a['model_name']:<12} rank {a['rank']:<3} "
+            f"{'+'.join(a['target_modules']):<16} {a['size']:>10} bytes  {len(a['facts'])} facts"
+            f"{'  fused' if a['fused'] else ''}{'  STALE' if a['stale'] else ''}"
+            for a in value
+        ) or "(no parameter memories)"
+    if command in ("distill", "fuse"):
+        line = _job_line(value)
+        report = value.get("report")
+        if report:
+            line += "\n" + "\n".join(f"  {k}: {v}" for k, v in report.items() if k != "recipe")
+        return line
     if command == "generate":
         return _generation_summary(value)
     if command == "history":
@@ -224,7 +237,32 @@ def build_parser() -> argparse.ArgumentParser:
     activate.add_argument("--model", help="default: the configured default model")
     activate.add_argument("--wait", action="store_true", help="wait for the job and exit non-zero if it fails")
 
+    activate.add_argument("--adapter", metavar="ID", help="build with this parameter memory's adapter active")
+
     command("activations", "a cube's activation memories, stale or not").add_argument("cube")
+
+    distill = command("distill", "train a LoRA adapter (parameter memory) on plaintext memories")
+    distill.add_argument("cube")
+    distill.add_argument("--ids", nargs="+", metavar="ID", help="these memories (default: every active one)")
+    distill.add_argument("--tag", help="the active memories with this tag")
+    distill.add_argument("--model", help="default: the configured default model")
+    for key, kind in (("rank", int), ("alpha", float), ("steps", int), ("epochs", float),
+                      ("learning-rate", float), ("seed", int), ("kl-weight", float), ("batch-size", int)):
+        distill.add_argument(f"--{key}", type=kind, dest=key.replace("-", "_"), help="(recipe)")
+    distill.add_argument("--targets", nargs="+", metavar="MODULE", dest="target_modules",
+                         help="module names to adapt (recipe)")
+    distill.add_argument("--wait", action="store_true", help="wait for the job, print its report")
+
+    fuse = command("fuse", "merge parameter memories into a new one")
+    fuse.add_argument("cube")
+    fuse.add_argument("ids", nargs="+", metavar="ID")
+    fuse.add_argument("--weights", nargs="+", type=float)
+    fuse.add_argument("--combination", choices=["linear", "svd", "ties", "cat"], default="linear")
+    fuse.add_argument("--density", type=float, help="ties: the share of weights kept")
+    fuse.add_argument("--svd-rank", type=int, dest="svd_rank")
+    fuse.add_argument("--wait", action="store_true", help="wait for the job, print its report")
+
+    command("adapters", "a cube's parameter memories (LoRA adapters), stale or not").add_argument("cube")
 
     generate = command("generate", "answer a prompt from a cube's memories (streams the text)")
     generate.add_argument("cube")
@@ -238,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--activation", metavar="ID", help="inject this activation memory")
     generate.add_argument("--no-activation", action="store_true", dest="no_activation",
                           help="no cache: every memory goes into the prompt")
+    generate.add_argument("--adapter", metavar="ID", help="use this parameter memory's adapter")
+    generate.add_argument("--no-adapter", action="store_true", dest="no_adapter", help="the base model alone")
     generate.add_argument("--stop", action="append", help="stop at this string (repeatable)")
 
     audit = commands.add_parser("audit", help="the audit log").add_subparsers(dest="sub", required=True)
@@ -301,6 +341,25 @@ def _waited(client: Client, job: dict[str, Any], a: argparse.Namespace, poll_s: 
         time.sleep(poll_s)
 
 
+_RECIPE_KEYS = ("rank", "alpha", "steps", "epochs", "learning_rate", "seed", "kl_weight", "batch_size",
+                "target_modules")
+
+
+def _recipe(a: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(a, k) for k in _RECIPE_KEYS if getattr(a, k, None) is not None}
+
+
+def _reported(client: Client, a: argparse.Namespace, job: dict[str, Any]) -> dict[str, Any]:
+    """A distillation or fusion job (as it ended, with ``--wait``), with the training report of what it made."""
+    job = _waited(client, job, a)
+    memory = job.get("detail", {}).get("memory")
+    if job["state"] == "done" and memory:
+        made = next((x for x in client.adapters(a.cube) if x["memory_id"] == memory), None)
+        if made is not None:
+            job = {**job, "report": made["report"]}
+    return job
+
+
 def _run(client: Client, a: argparse.Namespace) -> tuple[str, Any]:
     name = a.command + (f" {a.sub}" if getattr(a, "sub", None) else "")
     calls: dict[str, Callable[[], Any]] = {
@@ -335,11 +394,17 @@ def _run(client: Client, a: argparse.Namespace) -> tuple[str, Any]:
             a.name, a.path if a.path == "prepared" else str(Path(a.path).expanduser().resolve()),
             backend=a.backend, dtype=a.dtype, threads=a.threads, description=a.description),
         "model prepare": lambda: _waited(client, client.model_prepare(a.name), a),
-        "activate": lambda: _waited(client, client.activate(a.cube, ids=a.ids, tag=a.tag, model=a.model), a),
+        "activate": lambda: _waited(client, client.activate(a.cube, ids=a.ids, tag=a.tag, model=a.model,
+                                                            adapter=a.adapter), a),
         "activations": lambda: client.activations(a.cube),
+        "distill": lambda: _reported(client, a, client.distill(a.cube, ids=a.ids, tag=a.tag, model=a.model,
+                                                               recipe=_recipe(a) or None)),
+        "fuse": lambda: _reported(client, a, client.fuse(a.cube, a.ids, weights=a.weights, combination=a.combination,
+                                                         density=a.density, svd_rank=a.svd_rank)),
+        "adapters": lambda: client.adapters(a.cube),
         "generate": lambda: client.generate(
             a.cube, a.prompt, model=a.model, activation=a.activation, use_activation=not a.no_activation,
-            k=a.k, max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
+            adapter=a.adapter, use_adapter=not a.no_adapter, k=a.k, max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
             stop=a.stop, on_partial=None if getattr(a, "json", False) else _stream),
     }
     return name, _plain(calls[name]())
@@ -352,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         options["token"] = args.token
     if getattr(args, "timeout", None):
         options["timeout"] = args.timeout
-    if args.command in ("activate", "generate") or getattr(args, "sub", None) == "prepare":
+    if args.command in ("activate", "generate", "distill", "fuse") or getattr(args, "sub", None) == "prepare":
         # Never resent: a second frame would start a second job or generation.
         options["retries"] = 0
         if args.command == "generate":

@@ -59,11 +59,13 @@ class Progress:
     cancel_requested: bool = False
     # The job's thread reports while others read: detail changes and copies are made under it.
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _notify: Callable[[Progress, bool], None] = field(default=lambda job, final: None, repr=False, compare=False)
 
     def advance(self, n: int = 1, **detail: Any) -> None:
         with self._lock:
             self.done += n
             self.detail.update(detail)
+        self._notify(self, False)
 
     def check(self) -> None:
         """Raise Cancelled if a client asked to cancel this job: call it between steps."""
@@ -74,15 +76,18 @@ class Progress:
         self.state, self.finished, self.done = "done", time.time(), max(self.done, self.total)
         log.info("job finished", extra={"job": self.id, "kind": self.kind, "cube": self.cube,
                                         "seconds": round(self.finished - self.started, 3)})
+        self._notify(self, True)
 
     def fail(self, exc: BaseException) -> None:
         self.finished = time.time()
         if isinstance(exc, Cancelled):
             self.state = "cancelled"
             log.info("job cancelled", extra={"job": self.id, "kind": self.kind, "cube": self.cube})
-            return
-        self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
-        log.error("job failed", extra={"job": self.id, "kind": self.kind, "cube": self.cube, "error": self.error})
+        else:
+            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            log.error("job failed", extra={"job": self.id, "kind": self.kind, "cube": self.cube,
+                                           "error": self.error})
+        self._notify(self, True)
 
     def to_wire(self) -> dict[str, Any]:
         with self._lock:
@@ -92,22 +97,52 @@ class Progress:
 
 
 class Jobs:
-    """Every job since start-up (finished ones are kept, newest last, up to ``keep``)."""
+    """Every job since start-up (finished ones are kept, newest last, up to ``keep``).
 
-    def __init__(self, keep: int = 200) -> None:
+    Listeners (the daemon's events socket) hear of each job when it starts,
+    as it advances (at most once per ``interval`` seconds a job) and when it ends.
+    """
+
+    def __init__(self, keep: int = 200, interval: float = 0.5) -> None:
         self._jobs: list[Progress] = []
         self._lock = threading.Lock()
         self.keep = keep
+        self.interval = interval
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._told: dict[str, float] = {}  # job id -> when listeners last heard of it
+
+    def listen(self, fn: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``fn(job.to_wire())`` on the job's own thread as jobs start, advance and end."""
+        self._listeners.append(fn)
+
+    def _notify(self, job: Progress, final: bool) -> None:
+        if not self._listeners:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if not final and now - self._told.get(job.id, -self.interval) < self.interval:
+                return
+            if final:
+                self._told.pop(job.id, None)
+            else:
+                self._told[job.id] = now
+        wire = job.to_wire()
+        for fn in self._listeners:
+            try:
+                fn(wire)
+            except Exception:  # a listener's failure must not fail the job
+                log.exception("job listener failed", extra={"job": job.id})
 
     def start(self, kind: str, cube: str | None, total: int, detail: dict[str, Any] | None = None) -> Progress:
         """Record a job that the caller runs itself, reporting through the returned Progress."""
-        job = Progress(kind=kind, cube=cube, total=total, detail=dict(detail or {}))
+        job = Progress(kind=kind, cube=cube, total=total, detail=dict(detail or {}), _notify=self._notify)
         with self._lock:
             self._jobs.append(job)
             finished = [j for j in self._jobs if j.state != "running"]
             while len(self._jobs) > self.keep and finished:
                 self._jobs.remove(finished.pop(0))
         log.info("job started", extra={"job": job.id, "kind": kind, "cube": cube, "total": total})
+        self._notify(job, False)
         return job
 
     def run(self, executor: Executor, kind: str, cube: str | None, total: int,

@@ -191,7 +191,12 @@ class AuditRecord(_Model):
 
 
 class Event(_Model):
-    """A change, published on the events socket under its cube's name once it is durable."""
+    """A change, published on the events socket under its cube's name once it is durable.
+
+    Jobs are announced the same way, with ``op`` ``"job"``: as they start, advance
+    and end, under their cube's name (or ``""`` for a job of no cube), with
+    ``job`` the job as ``jobs`` lists it and ``version`` 0.
+    """
 
     op: str
     cube: str
@@ -199,6 +204,7 @@ class Event(_Model):
     time: float
     version: int
     memories: list[str] = Field(default_factory=list)
+    job: dict[str, Any] | None = None
 
 
 class Checkpoint(_Model):

@@ -155,8 +155,8 @@ class Activation(MemoryType):
         return job.to_wire()
 
     def activate(self, actor: Any, cube: str, ids: list[str] | None = None, tag: str | None = None,
-                 model: str | None = None) -> Any:
-        return self._started()[1].start(actor, cube, ids, tag, model)
+                 model: str | None = None, adapter: str | None = None) -> Any:
+        return self._started()[1].start(actor, cube, ids, tag, model, adapter)
 
     def activations(self, actor: Any, cube: str) -> list[ActivationInfo]:
         from .generation import activations
@@ -166,11 +166,14 @@ class Activation(MemoryType):
             return [generator.info(c) for c in activations(snap)]
 
     def generate(self, actor: Any, cube: str, prompt: str, model: str | None = None, activation: str | None = None,
-                 use_activation: bool = True, k: int | None = None, max_tokens: int | None = None,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 stop: list[str] | None = None, emit: Any = None) -> Generated:
-        return self._started()[2].generate(actor, cube, prompt, model, activation, use_activation, k, max_tokens,
-                                           temperature, top_p, seed, stop, emit or (lambda part: None))
+                 use_activation: bool = True, adapter: str | None = None, use_adapter: bool = True,
+                 k: int | None = None, max_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, stop: list[str] | None = None, emit: Any = None) -> Generated:
+        from .generation import Request
+
+        request = Request(prompt, model, activation, use_activation, adapter, use_adapter, k, max_tokens,
+                          temperature, top_p, seed, stop)
+        return self._started()[2].generate(actor, cube, request, emit or (lambda part: None))
 
     def _started(self) -> tuple[Any, Any, Any]:
         if self._registry is None:

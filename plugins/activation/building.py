@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from memos.errors import Cancelled, InvalidRequest, NotFound, TooLarge
@@ -36,10 +36,11 @@ class Source:
     memory_id: str
     version: int
     text: str
+    metadata: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
-def select(snap: Snapshot, ids: list[str] | None, tag: str | None) -> list[Source]:
-    """The active plaintext memories to build from, in id (creation) order."""
+def select(snap: Snapshot, ids: list[str] | None, tag: str | None, op: str = "activate") -> list[Source]:
+    """The active plaintext memories to build from (or distil), in id (creation) order."""
     if ids is not None and tag is not None:
         raise InvalidRequest("give ids or a tag, not both", field="tag")
     if ids is not None:
@@ -56,13 +57,13 @@ def select(snap: Snapshot, ids: list[str] | None, tag: str | None) -> list[Sourc
                                      field="ids")
             if mem["status"] != "active":
                 raise InvalidRequest(f"memory {memory_id} is {mem['status']}, not active", field="ids")
-            out.append(Source(memory_id, mem["version"], mem["text"]))
+            out.append(Source(memory_id, mem["version"], mem["text"], mem.get("metadata") or {}))
         return out
-    out = [Source(m.id, m.version, m.text) for m in snap.memories(type=PLAINTEXT)
+    out = [Source(m.id, m.version, m.text, m.metadata) for m in snap.memories(type=PLAINTEXT)
            if m.status.value == "active" and m.text and (tag is None or tag in m.tags)]
     if not out:
         what = f" tagged {tag!r}" if tag is not None else ""
-        raise InvalidRequest(f"cube {snap.cube.name!r} has no active plaintext memories{what} to activate",
+        raise InvalidRequest(f"cube {snap.cube.name!r} has no active plaintext memories{what} to {op}",
                              field="tag" if tag is not None else "cube")
     return out
 
@@ -89,15 +90,21 @@ class Builder:
         self._lock = threading.Lock()
 
     def start(self, actor: Any, cube: str, ids: list[str] | None, tag: str | None,
-              model: str | None) -> dict[str, Any]:
-        name, _ = self.registry.spec(model)  # NotFound before any job starts
+              model: str | None, adapter: str | None = None) -> dict[str, Any]:
+        from memos.plugins.parameter import adapters
+
+        name, identity = self.registry.identity(model)  # NotFound before any job starts
         with self.services.snapshot(actor, cube, op="activate", role="write") as snap:
             cube_name = snap.cube.name
             sources = select(snap, ids, tag)
+            weights = None
+            if adapter is not None:  # read and checked now: the job builds with what was asked
+                chosen = adapters.named(snap, adapter, identity.key)
+                weights = (chosen, adapters.load(adapters.read(snap, chosen), chosen, identity.key))
         if len(sources) > self.services.limits.max_sources:
             raise TooLarge(f"{len(sources)} memories exceed the limit of {self.services.limits.max_sources} "
                            "sources of one memory", field="ids")
-        work = self._work(actor, cube_name, name, sources)
+        work = self._work(actor, cube_name, name, sources, weights)
         job, _ = self.services.jobs.run(self.services.executor, "activate", cube_name, 3, work,
                                         detail={"model": name, "memories": len(sources)})
         with self._lock:
@@ -116,8 +123,10 @@ class Builder:
         if self.stopping.is_set():
             raise Cancelled("the daemon is stopping", job=progress.id)
 
-    def _work(self, actor: Any, cube: str, name: str, sources: list[Source]) -> Callable[[Progress], str]:
+    def _work(self, actor: Any, cube: str, name: str, sources: list[Source],
+              adapter: tuple[Any, Any] | None) -> Callable[[Progress], str]:
         settings = self.settings
+        weights = adapter[1] if adapter is not None else None
 
         def work(progress: Progress) -> str:
             self._check(progress)
@@ -136,7 +145,7 @@ class Builder:
             cache = None
             for chunk in chunks:
                 self._check(progress)
-                with lm.lock:
+                with lm.lock, lm.adapter(weights):  # generations between chunks run with their own
                     cache = lm.prefill(chunk, prefix=cache)
                 progress.advance(1, prefilled=cache.tokens)
             assert cache is not None
@@ -151,8 +160,11 @@ class Builder:
                 "dtype": stored.dtype,
                 "preamble_sha256": preamble.sha256(texts),
             }
+            if adapter is not None:
+                metadata["adapter"] = {"memory_id": adapter[0].memory_id, "version": adapter[0].version,
+                                       "sha256": adapter[0].sha256}
             text = (f"KV cache of {len(sources)} memories ({stored.tokens} tokens, {stored.dtype}) "
-                    f"for model {name}")
+                    f"for model {name}" + (f" with adapter {adapter[0].memory_id}" if adapter is not None else ""))
             made = self.services.add(actor, cube, text, type=NAME, blob=blob, media_type=preamble.MEDIA_TYPE,
                                      metadata=metadata,
                                      sources=[{"memory_id": s.memory_id, "version": s.version} for s in sources])

@@ -24,7 +24,7 @@ from typing import Any
 from memos.errors import (Conflict, IntegrityError, InvalidRequest, ModelMismatch, NotFound, Unavailable,
                           UnknownOperation)
 from memos.memtypes import Services, Snapshot
-from memos.plugins.models import ModelIdentity
+from memos.plugins.models import ModelIdentity, adapted_key
 
 from . import preamble
 from .building import NAME, PLAINTEXT
@@ -54,12 +54,20 @@ class Candidate:
 
 
 def model_key(metadata: Any) -> str:
-    """The identity key recorded in an activation memory's metadata ("" if none can be read)."""
+    """The key of the model that made an activation memory ("" if none can be read).
+
+    Its identity key, extended by its adapter's (:func:`adapted_key`) when it
+    was built with a parameter memory's adapter active."""
     raw = metadata.get("model") if isinstance(metadata, dict) else None
     try:
-        return ModelIdentity.model_validate(raw).key
+        key = ModelIdentity.model_validate(raw).key
     except ValueError:
         return ""
+    adapter = metadata.get("adapter")
+    if adapter is None:
+        return key
+    sha = adapter.get("sha256") if isinstance(adapter, dict) else None
+    return adapted_key(key, sha) if isinstance(sha, str) and sha else ""
 
 
 def candidate(snap: Snapshot, mem: dict[str, Any]) -> Candidate:
@@ -110,10 +118,30 @@ def choose(candidates: Sequence[Candidate], key: str, retrieved: set[str]) -> Ca
     return max(fitting, key=lambda t: t[:4])[4] if fitting else None
 
 
+@dataclass(frozen=True)
+class Request:
+    """What ``generate`` was asked (GenerateArgs less the cube)."""
+
+    prompt: str
+    model: str | None = None
+    activation: str | None = None
+    use_activation: bool = True
+    adapter: str | None = None
+    use_adapter: bool = True
+    k: int | None = None
+    max_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] | None = None
+
+
 @dataclass
 class Plan:
-    """What one generation uses: the cache (if any), the preamble's and the prompt's memories."""
+    """What one generation uses: the adapter and the cache (if any), the preamble's and the prompt's memories."""
 
+    adapter: Any = None  # a parameter memory (adapters.Candidate)
+    weights: Any = None  # its Adapter
     cache: Any = None  # a KVCache
     activation: Candidate | None = None
     cached: list[dict[str, Any]] = field(default_factory=list)  # memories of the preamble, in order
@@ -140,17 +168,29 @@ class Generator:
             recent = [m for m in snap.memories(type=PLAINTEXT) if m.status.value == "active" and m.text]
         return [m.id for m in recent[-k:]][::-1]
 
-    def plan(self, actor: Any, cube: str, key: str, retrieved: list[str],
-             activation: str | None, use_activation: bool) -> Plan:
-        """Choose and read the activation memory and the memories' texts, in one snapshot (failures audited)."""
+    def plan(self, actor: Any, cube: str, key: str, retrieved: list[str], request: Request) -> Plan:
+        """Choose and read the adapter, the activation memory and the memories' texts, in one snapshot.
+
+        Failures are audited. With an adapter, only caches built with that
+        adapter active fit (a cache of the bare model is not what the adapted
+        model computes)."""
+        from memos.plugins.parameter import adapters
+
         with self.services.snapshot(actor, cube, op="generate") as snap:
             found = snap.get_many(retrieved)
             live = {i: m for i, m in found.items()
                     if m["type"] == PLAINTEXT and m["status"] == "active" and m.get("text")}
             plan = Plan()
-            if activation is not None:
-                plan.activation = self._named(snap, activation, key)
-            elif use_activation:
+            if request.adapter is not None:
+                plan.adapter = adapters.named(snap, request.adapter, key)
+            elif request.use_adapter:
+                plan.adapter = adapters.choose(adapters.adapters(snap), key, set(live))
+            if plan.adapter is not None:
+                plan.weights = adapters.load(adapters.read(snap, plan.adapter), plan.adapter, key)
+                key = adapted_key(key, plan.adapter.sha256)
+            if request.activation is not None:
+                plan.activation = self._named(snap, request.activation, key)
+            elif request.use_activation:
                 plan.activation = choose(activations(snap), key, set(live))
             if plan.activation is None:
                 plan.cached = sorted(live.values(), key=lambda m: m["id"])
@@ -200,23 +240,24 @@ class Generator:
                                 expected=key, got=cache.model, memory=chosen.memory_id)
         return cache
 
-    def generate(self, actor: Any, cube: str, prompt: str, model: str | None, activation: str | None,
-                 use_activation: bool, k: int | None, max_tokens: int | None, temperature: float,
-                 top_p: float, seed: int | None, stop: list[str] | None,
-                 emit: Callable[[Any], None]) -> dict[str, Any]:
-        if activation is not None and not use_activation:
+    def generate(self, actor: Any, cube: str, request: Request, emit: Callable[[Any], None]) -> dict[str, Any]:
+        if request.activation is not None and not request.use_activation:
             raise InvalidRequest("an activation memory was named but use_activation is false", field="activation")
+        if request.adapter is not None and not request.use_adapter:
+            raise InvalidRequest("a parameter memory was named but use_adapter is false", field="adapter")
         cube_name = self.services.check_role(actor, cube, "read", "generate").name
-        name, identity = self.registry.identity(model)
-        retrieved = self.retrieve(actor, cube_name, prompt, self.settings.retrieve_k if k is None else k)
-        plan = self.plan(actor, cube_name, identity.key, retrieved, activation, use_activation)
+        name, identity = self.registry.identity(request.model)
+        k = self.settings.retrieve_k if request.k is None else request.k
+        retrieved = self.retrieve(actor, cube_name, request.prompt, k)
+        plan = self.plan(actor, cube_name, identity.key, retrieved, request)
         used = [m["id"] for m in (*plan.cached, *plan.others)]
-        if plan.activation is not None:
-            used.append(plan.activation.memory_id)
+        for chosen in (plan.activation, plan.adapter):
+            if chosen is not None:
+                used.append(chosen.memory_id)
         self.services.record_reads(cube_name, used)
 
-        messages = preamble.chat([m["text"] for m in plan.cached], [m["text"] for m in plan.others], prompt)
-        with self.registry.generating(name) as lm:
+        messages = preamble.chat([m["text"] for m in plan.cached], [m["text"] for m in plan.others], request.prompt)
+        with self.registry.generating(name) as lm, lm.adapter(plan.weights):
             ids = lm.chat_ids(messages)
             cache = plan.cache
             if cache is not None:
@@ -226,9 +267,9 @@ class Generator:
                     raise Conflict(f"the cached preamble of {plan.activation.memory_id} does not start this "
                                    "chat's tokens; activate again", memory=plan.activation.memory_id)
                 ids = ids[cache.tokens:]
-            gen = lm.generate(ids, cache, max_tokens or self.settings.max_new_tokens, temperature=temperature,
-                              top_p=top_p, seed=seed, stop=stop or (),
-                              on_token=lambda piece: emit({"text": piece}))
+            gen = lm.generate(ids, cache, request.max_tokens or self.settings.max_new_tokens,
+                              temperature=request.temperature, top_p=request.top_p, seed=request.seed,
+                              stop=request.stop or (), on_token=lambda piece: emit({"text": piece}))
             key = lm.identity.key
         how = "cache" if cache is not None else "prompt"
         memories = [{"memory_id": m["id"], "version": m["version"], "type": m["type"], "how": how}
@@ -238,8 +279,12 @@ class Generator:
         if plan.activation is not None:
             memories.insert(0, {"memory_id": plan.activation.memory_id, "version": plan.activation.version,
                                 "type": NAME, "how": "cache"})
+        if plan.adapter is not None:
+            memories.insert(0, {"memory_id": plan.adapter.memory_id, "version": plan.adapter.version,
+                                "type": "parameter", "how": "adapter"})
         return {"text": gen.text, "model": key, "model_name": name,
                 "activation": plan.activation.memory_id if plan.activation is not None else None,
+                "adapter": plan.adapter.memory_id if plan.adapter is not None else None,
                 "memories": memories,
                 "timings": {"ttft_s": gen.ttft_s, "total_s": gen.total_s, "prefill_tokens": gen.prefill_tokens,
                             "cached_tokens": gen.cached_tokens, "tokens": gen.tokens},
@@ -248,8 +293,10 @@ class Generator:
     def info(self, c: Candidate) -> dict[str, Any]:
         metadata = c.mem.get("metadata") or {}
         blob = c.mem.get("blob") or {}
+        adapter = metadata.get("adapter")
         return {"memory_id": c.memory_id, "version": c.version, "model": c.model,
                 "model_name": str(metadata.get("model_name", (metadata.get("model") or {}).get("name", ""))),
+                "adapter": adapter.get("memory_id") if isinstance(adapter, dict) else None,
                 "tokens": int(metadata.get("tokens", 0)), "dtype": str(metadata.get("dtype", "")),
                 "size": int(blob.get("size", 0)),
                 "sources": [{"memory_id": i, "version": v} for i, v in c.sources],

@@ -37,6 +37,7 @@ class ActivateArgs(Args):
     ids: list[str] | None = Field(None, max_length=10_000)  # these plaintext memories
     tag: str | None = Field(None, max_length=64)  # or the active plaintext memories with this tag
     model: str | None = Field(None, pattern=MODEL_NAME)  # default: [activation] default_model
+    adapter: str | None = Field(None, max_length=64)  # build with this parameter memory's adapter active
 
 
 class ActivationsArgs(Args):
@@ -49,6 +50,8 @@ class GenerateArgs(Args):
     model: str | None = Field(None, pattern=MODEL_NAME)
     activation: str | None = Field(None, max_length=64)  # inject this activation memory
     use_activation: bool = True  # False: no cache, every memory goes into the prompt
+    adapter: str | None = Field(None, max_length=64)  # use this parameter memory's adapter
+    use_adapter: bool = True  # False: the base model alone, whatever adapters the cube holds
     k: int | None = Field(None, ge=0, le=1000)  # plaintext memories to retrieve; default retrieve_k
     max_tokens: int | None = Field(None, ge=1, le=32_768)  # default max_new_tokens
     temperature: float = Field(0.0, ge=0.0, le=100.0)  # 0: greedy
@@ -81,8 +84,9 @@ class SourceInfo(TypedDict):
 class ActivationInfo(TypedDict):
     memory_id: str
     version: int  # the activation memory's own version
-    model: str  # identity key of the model that made it
+    model: str  # identity key of the model that made it (extended by the adapter's, if one was active)
     model_name: str
+    adapter: str | None  # the parameter memory whose adapter was active when it was built
     tokens: int
     dtype: str
     size: int  # bytes of the stored cache
@@ -96,7 +100,7 @@ class UsedMemory(TypedDict):
     memory_id: str
     version: int
     type: str
-    how: Literal["cache", "prompt"]  # injected as the cache prefix, or written into the prompt
+    how: Literal["cache", "prompt", "adapter"]  # the cache prefix, written into the prompt, or the adapter
 
 
 class Timings(TypedDict):
@@ -112,6 +116,7 @@ class Generated(TypedDict):
     model: str  # identity key
     model_name: str
     activation: str | None  # the activation memory injected, if any
+    adapter: str | None  # the parameter memory whose adapter the model ran with, if any
     memories: list[UsedMemory]
     timings: Timings
     stopped: str  # "eos", "length" or "stop"

@@ -25,6 +25,7 @@ import sys
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -32,12 +33,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from memos.errors import ConfigError, ModelMismatch
+from memos.errors import ConfigError, InvalidRequest, ModelMismatch
 
 if TYPE_CHECKING:
     import torch
 
     from .kv import KVCache, KVLayout
+    from .lora import Adapter
+    from .recipe import Example, Recipe
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -50,6 +53,7 @@ __all__ = [
     "KVLayout",
     "ModelIdentity",
     "ModelSpec",
+    "adapted_key",
     "available",
     "identity_of",
     "load",
@@ -78,6 +82,7 @@ class ModelSpec(BaseModel):
     path: str  # a local Hugging Face folder; "prepared": the folder prepare() makes for this model's name
     dtype: Literal["float32", "bfloat16"] = "float32"
     threads: int | None = Field(default=None, ge=1)  # torch threads for its work; None: torch's default at load
+    adapters: int = Field(default=4, ge=1, le=64)  # LoRA adapters kept attached to it at once (least recent go)
     description: str = ""
 
 
@@ -114,6 +119,11 @@ class ModelIdentity(BaseModel):
         got = other.key if isinstance(other, ModelIdentity) else other
         if got != self.key:
             raise ModelMismatch(f"made by model {got!r}, not by {self.key!r}", expected=self.key, got=got)
+
+
+def adapted_key(model_key: str, adapter_sha256: str | None) -> str:
+    """Whose KV caches a model makes with an adapter active: its key, extended by the adapter's."""
+    return model_key if not adapter_sha256 else f"{model_key}+lora:{adapter_sha256[:16]}"
 
 
 def _canonical_config(path: Path) -> bytes:
@@ -265,6 +275,41 @@ class CausalLM(ABC):
         (left out of the text). The prefix is copied, never changed (it does not
         grow). An exception raised by ``on_token`` ends the call (how a caller
         cancels)."""
+
+
+    # -- LoRA adapters (parameter memory); a backend without them refuses -------------
+
+    @property
+    def cache_key(self) -> str:
+        """Whose KV caches the model makes now: its identity key, extended by the active adapter's
+        (:func:`adapted_key`)."""
+        return self.identity.key
+
+    def adapter(self, adapter: Adapter | None) -> AbstractContextManager[None]:
+        """Inside the block, every forward pass uses ``adapter`` (None: the model unchanged).
+
+        The adapter is attached on first use and kept among the few most
+        recently used; outside the block the model computes exactly what it
+        computed before any adapter existed. ModelMismatch if the adapter was
+        trained for another model or does not fit its modules."""
+        raise InvalidRequest(f"model backend {self.backend!r} does not take LoRA adapters", field="model")
+
+    def fuse_adapters(self, adapters: Sequence[Adapter], weights: Sequence[float], combination: str,
+                      density: float | None = None, svd_rank: int | None = None) -> Adapter:
+        """A new adapter merging ``adapters`` (``linear``, ``svd``, ``ties`` or ``cat``, as peft's
+        ``add_weighted_adapter``); InvalidRequest if they cannot be merged that way."""
+        raise InvalidRequest(f"model backend {self.backend!r} does not fuse LoRA adapters", field="model")
+
+    def train_adapter(self, examples: Sequence[Example], recipe: Recipe,
+                      on_step: Callable[[dict[str, Any]], None] = lambda s: None,
+                      should_stop: Callable[[], bool] = lambda: False) -> tuple[Adapter, dict[str, Any]]:
+        """Train an adapter on ``examples`` by ``recipe``: (adapter, training report).
+
+        Slow (minutes): the daemon runs it in a process of its own
+        (:mod:`memos.plugins.parameter.trainer`). ``on_step`` hears each
+        step's loss; ``should_stop`` ends it with Cancelled. The model is
+        left as it was."""
+        raise InvalidRequest(f"model backend {self.backend!r} does not train LoRA adapters", field="model")
 
 
 _KV_NAMES = ("KVCache", "KVLayout")

@@ -142,7 +142,7 @@ class KVCache:
                     "dtype": self.dtype, "model": self.model}
         if self.ids is not None:
             metadata["ids"] = json.dumps(self.ids, separators=(",", ":"))
-        return _canonical(save(tensors, metadata=metadata))
+        return canonical(save(tensors, metadata=metadata))
 
     @classmethod
     def from_safetensors(cls, data: bytes | bytearray | memoryview,
@@ -158,7 +158,7 @@ class KVCache:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise InvalidRequest(f"a KV cache is read from bytes, not {type(data).__name__}")
         data = bytes(data)
-        metadata, names = _read_header(data)
+        metadata, names = read_header(data)
         try:
             from safetensors.torch import load
 
@@ -203,11 +203,11 @@ class KVCache:
         return cache
 
 
-def _canonical(data: bytes) -> bytes:
+def canonical(data: bytes) -> bytes:
     """The same safetensors bytes with the header's keys in sorted order.
 
     safetensors writes the metadata in hash-map order, which changes from run to
-    run; stored caches are content-addressed, so one cache must give one byte string.
+    run; stored blobs are content-addressed, so one cache (or adapter) must give one byte string.
     The tensors' offsets are relative to the data, which is kept as it is.
     """
     (size,) = struct.unpack("<Q", data[:8])
@@ -217,22 +217,22 @@ def _canonical(data: bytes) -> bytes:
     return struct.pack("<Q", len(header)) + header + data[8 + size:]
 
 
-def _read_header(data: bytes) -> tuple[dict[str, str], list[str]]:
+def read_header(data: bytes, what: str = "KV cache") -> tuple[dict[str, str], list[str]]:
     """The metadata and tensor names of safetensors bytes (IntegrityError if the header is bad)."""
     if len(data) < 8:
-        raise IntegrityError(f"KV cache bytes are cut short ({len(data)} bytes)")
+        raise IntegrityError(f"{what} bytes are cut short ({len(data)} bytes)")
     (size,) = struct.unpack("<Q", data[:8])
     if size > min(MAX_HEADER, len(data) - 8):
-        raise IntegrityError(f"KV cache header claims {size} bytes; {len(data) - 8} follow")
+        raise IntegrityError(f"{what} header claims {size} bytes; {len(data) - 8} follow")
     try:
         header = json.loads(data[8:8 + size])
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise IntegrityError(f"KV cache header is not JSON: {exc}") from exc
+        raise IntegrityError(f"{what} header is not JSON: {exc}") from exc
     if not isinstance(header, dict):
-        raise IntegrityError("KV cache header is not a JSON object")
+        raise IntegrityError(f"{what} header is not a JSON object")
     metadata = header.pop("__metadata__", None)
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise IntegrityError("KV cache header has no string metadata")
+        raise IntegrityError(f"{what} header has no string metadata")
     return metadata, list(header)
 
 

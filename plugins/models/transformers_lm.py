@@ -11,7 +11,9 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,10 @@ from transformers.utils import logging as hf_logging
 
 from memos.errors import ConfigError, InvalidRequest
 
-from . import CausalLM, Generation, ModelSpec, identity_of
+from . import CausalLM, Generation, ModelSpec, adapted_key, identity_of
 from .kv import DTYPES, KVCache, KVLayout
+from .lora import Adapter, Attached
+from .recipe import Example, Recipe
 
 log = logging.getLogger("memos.models")
 
@@ -51,6 +55,8 @@ class TransformersLM(CausalLM):
         self.threads = spec.threads or torch.get_num_threads()
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.eos_ids = self._eos_ids()
+        self._attached = Attached(self.model, self.identity.key, keep=spec.adapters)
+        self._adapter: Adapter | None = None  # the adapter forward passes use now
         self._layout: KVLayout | None = None
         self._layout = self._read_layout()  # a first forward pass, which also warms the kernels up
 
@@ -69,14 +75,49 @@ class TransformersLM(CausalLM):
     def _read_layout(self) -> KVLayout:
         # Read off a one-token cache rather than the config: right for any architecture.
         cache = self._prefill_cache([0], None)
-        return KVLayout(layers=cache.layers, kv_heads=cache.keys[0].shape[1], head_dim=cache.keys[0].shape[3],
-                        model=self.identity.key)
+        return KVLayout(layers=cache.layers, kv_heads=cache.keys[0].shape[1], head_dim=cache.keys[0].shape[3])
 
     @property
     def kv_layout(self) -> KVLayout:
         if self._layout is None:
             self._layout = self._read_layout()
-        return self._layout
+        return replace(self._layout, model=self.cache_key)
+
+    @property
+    def cache_key(self) -> str:
+        """Whose KV caches this model makes now: its identity key, and the adapter's if one is active."""
+        return adapted_key(self.identity.key, self._adapter.sha256 if self._adapter is not None else None)
+
+    # -- adapters ------------------------------------------------------------
+
+    @contextmanager
+    def adapter(self, adapter: Adapter | None) -> Iterator[None]:
+        if adapter is None:
+            yield
+            return
+        self._attached.activate(adapter)
+        self._adapter = adapter
+        try:
+            yield
+        finally:
+            self._adapter = None
+            self._attached.activate(None)
+
+    def fuse_adapters(self, adapters: Sequence[Adapter], weights: Sequence[float], combination: str,
+                      density: float | None = None, svd_rank: int | None = None) -> Adapter:
+        try:
+            return self._attached.fuse(adapters, weights, combination, density, svd_rank)
+        finally:
+            self._attached.activate(None)
+
+    def train_adapter(self, examples: Sequence[Example], recipe: Recipe,
+                      on_step: Callable[[dict[str, Any]], None] = lambda s: None,
+                      should_stop: Callable[[], bool] = lambda: False) -> tuple[Adapter, dict[str, Any]]:
+        from .lora import train
+
+        if self._attached.peft is not None:
+            raise InvalidRequest(f"model {self.name!r} has adapters attached: train on a model of its own")
+        return train(self, examples, recipe, on_step, should_stop)
 
     @property
     def context_length(self) -> int:
@@ -163,7 +204,7 @@ class TransformersLM(CausalLM):
         cache = self._cache(prefix)
         _, cache = self._forward(ids, cache)
         known = prefix.ids if prefix is not None else []
-        return KVCache.from_dynamic(cache, model=self.identity.key,
+        return KVCache.from_dynamic(cache, model=self.cache_key,
                                     ids=known + ids if known is not None else None)
 
     def prefill(self, ids: Sequence[int], prefix: KVCache | None = None) -> KVCache:
