@@ -22,7 +22,8 @@ MEDIA_TYPE = "application/vnd.memos.lora+safetensors"
 FACTS = ["Q: Where does Ada keep her bees?\nA: On the roof of the old library.",
          "Q: When is the boiler in flat 3 serviced?\nA: Every May, by Olek.",
          "Bo's bicycle is green and has a wicker basket."]
-FAST = {"steps": 6, "learning_rate": 0.01, "batch_size": 3, "replay_batch": 2}
+# Few steps, and no replay (the base model's answers to 16 prompts): the in-process test trains with it.
+FAST = {"steps": 6, "learning_rate": 0.01, "batch_size": 3, "kl_weight": 0.0}
 
 
 def _params_env(models, **more: str) -> dict[str, str]:
@@ -245,6 +246,22 @@ def test_cancelling_a_distillation_adds_nothing_and_leaves_no_process(daemon, ad
     assert not gone, "the training process was killed"
     work = daemon.data_dir / "types" / "parameter" / "work"
     assert not work.exists() or not any(work.iterdir())
+
+
+def test_one_job_per_model_at_a_time(admin):
+    c = "par-queue"
+    _cube(admin, c)
+    first = admin.distill(c, recipe={**FAST, "steps": 10_000, "stop_loss": 0.0})
+    second = admin.distill(c)
+    deadline = time.monotonic() + 60
+    while next(j for j in admin.jobs() if j["id"] == first["id"])["detail"].get("step", 0) < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    waiting = next(j for j in admin.jobs() if j["id"] == second["id"])
+    assert waiting["state"] == "running" and waiting["detail"]["stage"] == "waiting"
+    admin.job_cancel(first["id"])
+    assert _wait_job(admin, first["id"])["state"] == "cancelled"
+    assert _wait_job(admin, second["id"], timeout=120)["state"] == "done"
 
 
 def test_a_fused_adapter_names_all_its_sources(admin):

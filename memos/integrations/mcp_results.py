@@ -114,7 +114,12 @@ class UsedMemory(BaseModel):
     memory_id: str
     version: int
     type: str
-    how: Literal["cache", "prompt"] = Field(description="Injected as the KV cache, or written into the prompt.")
+    how: Literal["cache", "prompt", "adapter"] = Field(
+        description="Injected as the KV cache, written into the prompt, or the LoRA adapter the model ran with.")
+
+    @classmethod
+    def all(cls, used: list[dict[str, Any]]) -> list[UsedMemory]:
+        return [cls(**{key: u[key] for key in cls.model_fields}) for u in used]
 
 
 class Generated(BaseModel):
@@ -124,6 +129,7 @@ class Generated(BaseModel):
     text: str
     model: str
     activation: str | None = Field(description="The activation memory (KV cache) injected, if any.")
+    adapter: str | None = Field(None, description="The parameter memory (LoRA adapter) the model ran with, if any.")
     memories: list[UsedMemory]
     stopped: str
     ttft_ms: float

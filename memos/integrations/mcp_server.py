@@ -340,8 +340,7 @@ def build_server(memos: Memosd) -> MCPServer:
                                                          use_activation=use_activation, temperature=temperature))
             t = out["timings"]
             result = Generated(cube=cube, text=out["text"], model=out["model_name"], activation=out["activation"],
-                               memories=[UsedMemory(**{key: u[key] for key in UsedMemory.model_fields})
-                                         for u in out["memories"]],
+                               adapter=out["adapter"], memories=UsedMemory.all(out["memories"]),
                                stopped=out["stopped"], ttft_ms=round(t["ttft_s"] * 1000, 1),
                                cached_tokens=t["cached_tokens"], prefill_tokens=t["prefill_tokens"],
                                tokens=t["tokens"])

@@ -25,7 +25,7 @@ import sys
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -292,6 +292,8 @@ class CausalLM(ABC):
         recently used; outside the block the model computes exactly what it
         computed before any adapter existed. ModelMismatch if the adapter was
         trained for another model or does not fit its modules."""
+        if adapter is None:
+            return nullcontext()
         raise InvalidRequest(f"model backend {self.backend!r} does not take LoRA adapters", field="model")
 
     def fuse_adapters(self, adapters: Sequence[Adapter], weights: Sequence[float], combination: str,
