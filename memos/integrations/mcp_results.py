@@ -118,7 +118,7 @@ class UsedMemory(BaseModel):
         description="Injected as the KV cache, written into the prompt, or the LoRA adapter the model ran with.")
 
     @classmethod
-    def all(cls, used: list[dict[str, Any]]) -> list[UsedMemory]:
+    def all(cls, used: list[dict[str, Any]]) -> "list[UsedMemory]":
         return [cls(**{key: u[key] for key in cls.model_fields}) for u in used]
 
 
