@@ -133,7 +133,7 @@ class Services(ABC):
     limits: Limits
     state_dir: Path  # a private folder for derived state the type saves (indexes); the store stays the truth
     jobs: Jobs  # long jobs: progress, cancellation, listing
-    executor: Executor  # one thread shared by all model work (embedding, KV builds, training)
+    executor: Executor  # one thread shared by in-process model work (embedding, KV builds)
 
     @abstractmethod
     def snapshot(self, actor: Any, cube: str, *, op: str, role: str = "read",
