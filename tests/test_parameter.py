@@ -248,6 +248,30 @@ def test_cancelling_a_distillation_adds_nothing_and_leaves_no_process(daemon, ad
     assert not work.exists() or not any(work.iterdir())
 
 
+def test_a_killed_daemon_takes_its_training_process_with_it(tiny_models):
+    import psutil
+
+    d = Daemon(env=_params_env(tiny_models)).start()
+    try:
+        admin = d.client(timeout=60)
+        c = "par-orphan"
+        _cube(admin, c)
+        job = admin.distill(c, recipe={**FAST, "steps": 10_000, "stop_loss": 0.0})
+        deadline = time.monotonic() + 60
+        while next(j for j in admin.jobs() if j["id"] == job["id"])["detail"].get("step", 0) < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        [trainer] = psutil.Process(d.proc.pid).children(recursive=True)
+        d.proc.kill()
+        d.proc.wait()
+        assert not psutil.wait_procs([trainer], timeout=10)[1], "the training process outlived the daemon"
+        d.start()
+        assert d.client().adapters(c) == []
+        assert not (d.data_dir / "types" / "parameter" / "work").exists()
+    finally:
+        d.stop()
+
+
 def test_one_job_per_model_at_a_time(admin):
     c = "par-queue"
     _cube(admin, c)

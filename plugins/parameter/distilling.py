@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -50,6 +50,8 @@ class Distiller:
         self._lock = threading.Lock()
         self._models: dict[str, threading.Lock] = {}
         self._jobs: list[Progress] = []
+        # Work folders of jobs a killed daemon left behind (their processes exit with it).
+        shutil.rmtree(services.state_dir / "work", ignore_errors=True)
 
     # -- requests ------------------------------------------------------------
 
@@ -155,7 +157,7 @@ class Distiller:
 
     def _work(self, actor: Any, cube: str, entry: dict[str, Any], request: dict[str, Any],
               sources: list[dict[str, Any]], facts: list[dict[str, Any]], text: str, fused: dict[str, Any] | None,
-              blobs: list[bytes] = ()) -> Callable[[Progress], str]:  # type: ignore[assignment]
+              blobs: Sequence[bytes] = ()) -> Callable[[Progress], str]:
         name = entry["name"]
 
         def work(progress: Progress) -> str:

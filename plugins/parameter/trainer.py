@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -62,7 +64,24 @@ def run(request: dict[str, Any], out: TextIO) -> None:
           report=report)
 
 
+def _watch_parent(every_s: float = 1.0) -> None:
+    """Exit as soon as the daemon is gone (killed, say): minutes of training for nobody are a waste.
+
+    Writing the next step's line to the closed pipe would end the process too;
+    this covers the silent stretches (loading, the replay answers)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(every_s)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main() -> int:
+    _watch_parent()
     # The protocol owns file descriptor 1; anything a library prints goes to stderr.
     out = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)
