@@ -48,6 +48,8 @@ _TRAINING = "memos-training"
 
 # General prompts the base model answers itself before a distillation; the KL
 # term keeps the adapted model's answers to them close to the base model's.
+# Requests, and everyday questions asked as a user asks them: learning facts as
+# answers to questions must not change how the model answers other questions.
 REPLAY_PROMPTS = (
     "Write one sentence about the weather today.",
     "Give me a tip for staying focused while studying.",
@@ -65,6 +67,22 @@ REPLAY_PROMPTS = (
     "Give an example of a polite greeting in an email.",
     "What should I pack for a day at the beach?",
     "Summarise why sleep matters, in one sentence.",
+    "How many legs does a spider have?",
+    "What colour is grass?",
+    "How many days are in a week?",
+    "What do bees make?",
+    "How many wheels does a bicycle have?",
+    "What is the opposite of hot?",
+    "What do people use to cut paper?",
+    "How many hours are in a day?",
+    "What falls from the clouds when it rains?",
+    "Which meal do people eat in the morning?",
+    "Which animal says 'meow'?",
+    "How many sides does a triangle have?",
+    "What do you wear on your feet?",
+    "What is frozen water called?",
+    "What do you call a baby dog?",
+    "Which is bigger, a mouse or a horse?",
 )
 REPLAY_TOKENS = 40  # of each base answer
 

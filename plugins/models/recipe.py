@@ -29,14 +29,14 @@ class LoraShape(BaseModel):
 class Recipe(LoraShape):
     """How a distillation trains: the adapter's shape, the optimiser, and what keeps general knowledge."""
 
-    learning_rate: float = Field(1e-3, gt=0, le=1.0, description="AdamW learning rate (linear decay to 0).")
+    learning_rate: float = Field(3e-3, gt=0, le=1.0, description="AdamW learning rate (linear decay to 0).")
     epochs: float = Field(12.0, gt=0, le=1000, description="Passes over the facts when steps is not given.")
     steps: int | None = Field(None, ge=1, le=100_000, description="Optimiser steps (None: from epochs).")
     batch_size: int = Field(8, ge=1, le=256, description="Facts per step.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the adapter's initialisation and the order.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout while training.")
     kl_weight: float = Field(
-        1.0, ge=0.0, le=100.0,
+        5.0, ge=0.0, le=100.0,
         description="Weight of the KL divergence to the base model on general prompts answered by the base "
                     "model itself (replay); 0 turns the replay off.")
     replay_batch: int = Field(4, ge=0, le=256, description="Replay prompts per step.")
