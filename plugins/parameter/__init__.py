@@ -20,10 +20,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from memos.plugins.models import ModelIdentity
-
 from memos.errors import InvalidRequest, Unavailable
 from memos.memtypes import Item, MemoryType, Services
+from memos.plugins.models import ModelIdentity
 from memos.validation import Limits
 
 from . import adapters

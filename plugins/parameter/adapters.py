@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from memos.plugins.models import ModelIdentity
-
 from memos.errors import (
     Conflict,
     IntegrityError,
@@ -23,6 +21,7 @@ from memos.errors import (
     NotFound,
 )
 from memos.memtypes import Snapshot
+from memos.plugins.models import ModelIdentity
 
 log = logging.getLogger("memos.parameter")
 

@@ -16,21 +16,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from memos.plugins.activation.building import select
-from memos.plugins.models.recipe import Recipe
 from pydantic import ValidationError
 
-from memos.errors import (
-    Cancelled,
-    ConfigError,
-    IntegrityError,
-    InvalidRequest,
-    NotFound,
-    TooLarge,
-    UnknownOperation,
-)
+from memos.errors import Cancelled, ConfigError, IntegrityError, InvalidRequest, NotFound, TooLarge, UnknownOperation
 from memos.jobs import Progress
 from memos.memtypes import Services
+from memos.plugins.activation.building import select
+from memos.plugins.models.recipe import Recipe
 
 from . import adapters, process
 from .examples import example

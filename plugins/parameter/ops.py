@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from memos.plugins.models.recipe import Recipe
 from pydantic import ConfigDict, Field, create_model
 from typing_extensions import TypedDict
 
 from memos.jobs import JobInfo
 from memos.operations import Args, Operation
+from memos.plugins.models.recipe import Recipe
 
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 

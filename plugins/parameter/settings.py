@@ -5,8 +5,9 @@ Only pydantic here: the core reads and validates the section without importing t
 
 from __future__ import annotations
 
-from memos.plugins.models.recipe import Recipe
 from pydantic import BaseModel, Field
+
+from memos.plugins.models.recipe import Recipe
 
 
 class ParameterSettings(BaseModel):
