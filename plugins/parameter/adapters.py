@@ -13,13 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from memos.errors import (
-    Conflict,
-    IntegrityError,
-    InvalidRequest,
-    ModelMismatch,
-    NotFound,
-)
+from memos.errors import Conflict, IntegrityError, InvalidRequest, ModelMismatch, NotFound
 from memos.memtypes import Snapshot
 from memos.plugins.models import ModelIdentity
 
