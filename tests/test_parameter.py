@@ -137,6 +137,17 @@ def test_every_combination_fuses(tiny_lm, trained):
         tiny_lm.fuse_adapters([adapter, adapter], [0.5, 0.5], "average")
 
 
+def test_more_adapters_than_stay_attached_fuse(tiny_lm, trained):
+    from memos.plugins.models.lora import Adapter
+
+    adapter, _ = trained
+    many = [Adapter({k: v * (1 + i / 10) for k, v in adapter.tensors.items()}, adapter.shape, adapter.model)
+            for i in range(tiny_lm.spec.adapters + 2)]
+    fused = tiny_lm.fuse_adapters(many, [1 / len(many)] * len(many), "cat")
+    assert fused.shape.rank == len(many) * adapter.shape.rank
+    assert len(tiny_lm._attached.loaded) <= tiny_lm.spec.adapters
+
+
 def test_qa_shaped_memories_become_questions_and_answers():
     from memos.plugins.parameter.examples import example
 

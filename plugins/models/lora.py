@@ -238,12 +238,22 @@ class Attached:
 
     def fuse(self, adapters: Sequence[Adapter], weights: Sequence[float], combination: str,
              density: float | None = None, svd_rank: int | None = None) -> Adapter:
-        """A new adapter merging ``adapters`` with peft's ``add_weighted_adapter`` (none stays attached)."""
-        from peft.utils import get_peft_model_state_dict
-
+        """A new adapter merging ``adapters`` with peft's ``add_weighted_adapter`` (the fused one stays detached)."""
         if combination not in COMBINATIONS:
             raise InvalidRequest(f"combination must be one of {list(COMBINATIONS)}", field="combination")
-        names = [self.load(a) for a in adapters]
+        keep, self.keep = self.keep, max(self.keep, len(adapters))  # all of them attached at once
+        try:
+            names = [self.load(a) for a in adapters]
+            return self._fuse(names, weights, combination, density, svd_rank)
+        finally:
+            self.keep = keep
+            while len(self.loaded) > self.keep:
+                self._drop(next(iter(self.loaded)))
+
+    def _fuse(self, names: list[str], weights: Sequence[float], combination: str, density: float | None,
+              svd_rank: int | None) -> Adapter:
+        from peft.utils import get_peft_model_state_dict
+
         fused = "memos-fused"
         kwargs: dict[str, Any] = {}
         if combination == "ties":

@@ -19,7 +19,7 @@ class LoraShape(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    rank: int = Field(8, ge=1, le=256, description="LoRA rank r: higher stores more and disturbs more.")
+    rank: int = Field(8, ge=1, le=4096, description="LoRA rank r (a fused adapter's may be the sum of several).")
     alpha: float = Field(16.0, gt=0, le=4096, description="LoRA alpha: the update is scaled by alpha / rank.")
     target_modules: tuple[Annotated[str, Field(pattern=MODULE)], ...] = Field(
         ("q_proj", "v_proj"), min_length=1, max_length=16,
@@ -28,6 +28,8 @@ class LoraShape(BaseModel):
 
 class Recipe(LoraShape):
     """How a distillation trains: the adapter's shape, the optimiser, and what keeps general knowledge."""
+
+    rank: int = Field(8, ge=1, le=256, description="LoRA rank r: higher stores more and disturbs more.")
 
     learning_rate: float = Field(3e-3, gt=0, le=1.0, description="AdamW learning rate (linear decay to 0).")
     epochs: float = Field(12.0, gt=0, le=1000, description="Passes over the facts when steps is not given.")
