@@ -185,3 +185,40 @@ class Jobs:
     def list(self) -> list[dict[str, Any]]:
         with self._lock:
             return [j.to_wire() for j in self._jobs]
+
+
+class JobGroup:
+    """The jobs one owner (a memory type's builder) starts: all cancelled when the owner stops.
+
+    Work checks :meth:`check` between steps: it raises Cancelled once a
+    client cancelled the job or the owner is stopping.
+    """
+
+    def __init__(self, jobs: Jobs) -> None:
+        self.jobs = jobs
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._running: list[Progress] = []
+
+    def run(self, executor: Executor, kind: str, cube: str | None, total: int,
+            work: Callable[[Progress], Any], detail: dict[str, Any] | None = None) -> Progress:
+        job, _ = self.jobs.run(executor, kind, cube, total, work, detail)
+        with self._lock:
+            self._running = [j for j in self._running if j.state == "running"] + [job]
+        return job
+
+    def stopped(self, job: Progress) -> bool:
+        return job.cancel_requested or self.stopping.is_set()
+
+    def check(self, job: Progress) -> None:
+        job.check()
+        if self.stopping.is_set():
+            raise Cancelled("the daemon is stopping", job=job.id)
+
+    def stop(self) -> None:
+        """Ask every running job of the group to stop (each stops at its next check)."""
+        self.stopping.set()
+        with self._lock:
+            running = [j for j in self._running if j.state == "running"]
+        for job in running:
+            self.jobs.cancel(job.id)

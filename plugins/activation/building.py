@@ -10,13 +10,12 @@ generations interleave), serialise the cache and add the memory as the caller.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from memos.errors import Cancelled, InvalidRequest, NotFound, TooLarge
-from memos.jobs import Progress
+from memos.errors import InvalidRequest, NotFound, TooLarge
+from memos.jobs import JobGroup, Progress
 from memos.memtypes import Services, Snapshot
 
 from . import preamble
@@ -85,9 +84,7 @@ class Builder:
         self.services = services
         self.settings = settings
         self.registry = registry
-        self.stopping = threading.Event()
-        self._jobs: list[Progress] = []
-        self._lock = threading.Lock()
+        self.group = JobGroup(services.jobs)
 
     def start(self, actor: Any, cube: str, ids: list[str] | None, tag: str | None,
               model: str | None, adapter: str | None = None) -> dict[str, Any]:
@@ -105,23 +102,12 @@ class Builder:
             raise TooLarge(f"{len(sources)} memories exceed the limit of {self.services.limits.max_sources} "
                            "sources of one memory", field="ids")
         work = self._work(actor, cube_name, name, sources, weights)
-        job, _ = self.services.jobs.run(self.services.executor, "activate", cube_name, 3, work,
-                                        detail={"model": name, "memories": len(sources)})
-        with self._lock:
-            self._jobs = [j for j in self._jobs if j.state == "running"] + [job]
+        job = self.group.run(self.services.executor, "activate", cube_name, 3, work,
+                             detail={"model": name, "memories": len(sources)})
         return job.to_wire()
 
     def stop(self) -> None:
-        self.stopping.set()
-        with self._lock:
-            running = [j for j in self._jobs if j.state == "running"]
-        for job in running:
-            self.services.jobs.cancel(job.id)
-
-    def _check(self, progress: Progress) -> None:
-        progress.check()
-        if self.stopping.is_set():
-            raise Cancelled("the daemon is stopping", job=progress.id)
+        self.group.stop()
 
     def _work(self, actor: Any, cube: str, name: str, sources: list[Source],
               adapter: tuple[Any, Any] | None) -> Callable[[Progress], str]:
@@ -129,7 +115,7 @@ class Builder:
         weights = adapter[1] if adapter is not None else None
 
         def work(progress: Progress) -> str:
-            self._check(progress)
+            self.group.check(progress)
             lm = self.registry.get(name)
             progress.advance(1, stage="tokenize", model=lm.identity.key)
             texts = [s.text for s in sources]
@@ -144,12 +130,12 @@ class Builder:
             progress.advance(0, stage="prefill", tokens=len(ids))
             cache = None
             for chunk in chunks:
-                self._check(progress)
+                self.group.check(progress)
                 with lm.lock, lm.adapter(weights):  # generations between chunks run with their own
                     cache = lm.prefill(chunk, prefix=cache)
                 progress.advance(1, prefilled=cache.tokens)
             assert cache is not None
-            self._check(progress)
+            self.group.check(progress)
             stored = cache.astype(settings.kv_dtype)
             blob = stored.to_safetensors()
             metadata = {

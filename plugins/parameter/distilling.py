@@ -18,8 +18,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from memos.errors import Cancelled, ConfigError, IntegrityError, InvalidRequest, NotFound, TooLarge, UnknownOperation
-from memos.jobs import Progress
+from memos.errors import ConfigError, IntegrityError, InvalidRequest, NotFound, TooLarge, UnknownOperation
+from memos.jobs import JobGroup, Progress
 from memos.memtypes import Services
 from memos.plugins.activation.building import select
 from memos.plugins.models.recipe import Recipe
@@ -37,11 +37,10 @@ class Distiller:
     def __init__(self, services: Services, settings: ParameterSettings) -> None:
         self.services = services
         self.settings = settings
-        self.stopping = threading.Event()
+        self.group = JobGroup(services.jobs)
         self.executor = ThreadPoolExecutor(settings.concurrent_jobs, thread_name_prefix="memosd-distill")
         self._lock = threading.Lock()
-        self._models: dict[str, threading.Lock] = {}
-        self._jobs: list[Progress] = []
+        self._models: dict[str, threading.Lock] = {}  # one job per model at a time
         # Work folders of jobs a killed daemon left behind (their processes exit with it).
         shutil.rmtree(services.state_dir / "work", ignore_errors=True)
 
@@ -124,28 +123,13 @@ class Distiller:
 
     def stop(self) -> None:
         """Cancel the jobs still running (each kills its process) and wait for them."""
-        self.stopping.set()
-        with self._lock:
-            running = [j for j in self._jobs if j.state == "running"]
-        for job in running:
-            self.services.jobs.cancel(job.id)
+        self.group.stop()
         self.executor.shutdown(wait=True, cancel_futures=False)
 
     # -- jobs ----------------------------------------------------------------
 
     def _start(self, kind: str, cube: str, work: Callable[[Progress], str], detail: dict[str, Any]) -> dict[str, Any]:
-        job, _ = self.services.jobs.run(self.executor, kind, cube, 1, work, detail=detail)
-        with self._lock:
-            self._jobs = [j for j in self._jobs if j.state == "running"] + [job]
-        return job.to_wire()
-
-    def _stopped(self, progress: Progress) -> bool:
-        return progress.cancel_requested or self.stopping.is_set()
-
-    def _check(self, progress: Progress) -> None:
-        progress.check()
-        if self.stopping.is_set():
-            raise Cancelled("the daemon is stopping", job=progress.id)
+        return self.group.run(self.executor, kind, cube, 1, work, detail=detail).to_wire()
 
     def _work(self, actor: Any, cube: str, entry: dict[str, Any], request: dict[str, Any],
               sources: list[dict[str, Any]], facts: list[dict[str, Any]], text: str, fused: dict[str, Any] | None,
@@ -157,10 +141,10 @@ class Distiller:
                 gate = self._models.setdefault(name, threading.Lock())
             progress.advance(0, stage="waiting")
             while not gate.acquire(timeout=0.2):  # one job per model at a time
-                self._check(progress)
+                self.group.check(progress)
             work_dir = self.services.state_dir / "work" / progress.id
             try:
-                self._check(progress)
+                self.group.check(progress)
                 work_dir.mkdir(parents=True, exist_ok=True)
                 paths = []
                 for i, blob in enumerate(blobs):
@@ -183,8 +167,8 @@ class Distiller:
                         progress.advance(1, step=event["step"], steps=event["steps"], loss=event["loss"],
                                          kl=event["kl"])
 
-                done = process.run(full, work_dir, self.settings.nice, on_event, lambda: self._stopped(progress))
-                self._check(progress)
+                done = process.run(full, work_dir, self.settings.nice, on_event, lambda: self.group.stopped(progress))
+                self.group.check(progress)
                 blob = out.read_bytes()
                 self._verify(blob, done, entry["identity"])
                 metadata = {"format": adapters.FORMAT, "model": identity, "model_name": name, "rank": done["rank"],
