@@ -249,6 +249,7 @@ def test_cancelling_a_distillation_adds_nothing_and_leaves_no_process(daemon, ad
     children = psutil.Process(daemon.proc.pid).children(recursive=True)
     assert children, "the training runs in a process of its own"
     assert all(p.nice() == 19 for p in children)
+    assert all(os.sched_getscheduler(p.pid) == os.SCHED_IDLE for p in children)
     admin.job_cancel(job["id"])
     ended = _wait_job(admin, job["id"])
     assert ended["state"] == "cancelled"

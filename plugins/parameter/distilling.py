@@ -167,7 +167,8 @@ class Distiller:
                         progress.advance(1, step=event["step"], steps=event["steps"], loss=event["loss"],
                                          kl=event["kl"])
 
-                done = process.run(full, work_dir, self.settings.nice, on_event, lambda: self.group.stopped(progress))
+                done = process.run(full, work_dir, self.settings.nice, self.settings.idle, on_event,
+                                   lambda: self.group.stopped(progress))
                 self.group.check(progress)
                 blob = out.read_bytes()
                 self._verify(blob, done, entry["identity"])

@@ -22,21 +22,22 @@ _POLL_S = 0.2  # how often a running process is checked for cancellation
 _STDERR_TAIL = 2000  # characters of its stderr kept for an error message
 
 
-def run(request: dict[str, Any], work_dir: Path, nice: int, on_event: Callable[[dict[str, Any]], None],
+def run(request: dict[str, Any], work_dir: Path, nice: int, idle: bool, on_event: Callable[[dict[str, Any]], None],
         should_stop: Callable[[], bool]) -> dict[str, Any]:
     """Run one trainer request; its ``done`` event (raising the error it reported, or Cancelled).
 
-    The process runs in a session of its own at niceness ``nice``; when
-    ``should_stop`` says so it is killed (its whole process group) and
+    The process runs in a session of its own at niceness ``nice`` (and under
+    SCHED_IDLE if ``idle``), which it takes itself before loading anything;
+    when ``should_stop`` says so it is killed (its whole process group) and
     Cancelled is raised. Every event before ``done`` goes to ``on_event``.
     """
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     stderr_path = work_dir / "stderr.log"
     with stderr_path.open("wb") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "memos.plugins.parameter.trainer"], stdin=subprocess.PIPE,
+        command = [sys.executable, "-m", "memos.plugins.parameter.trainer", "--nice", str(nice)]
+        proc = subprocess.Popen([*command, "--idle"] if idle else command, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=stderr, env=env, start_new_session=True)
     try:
-        _lower_priority(proc.pid, nice)
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write(json.dumps(request).encode())
         proc.stdin.close()
@@ -77,14 +78,6 @@ def run(request: dict[str, Any], work_dir: Path, nice: int, on_event: Callable[[
         raise InternalError(f"the training process failed: {type(exc).__name__}: {exc}") from exc
     finally:
         _kill(proc)
-
-
-def _lower_priority(pid: int, nice: int) -> None:
-    try:
-        current = os.getpriority(os.PRIO_PROCESS, pid)
-        os.setpriority(os.PRIO_PROCESS, pid, max(current, nice))
-    except OSError as exc:  # the process already ended: its error is read from its output
-        log.debug("could not lower the training process's priority: %s", exc)
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:

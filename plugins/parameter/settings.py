@@ -16,6 +16,9 @@ class ParameterSettings(BaseModel):
     max_facts: int = Field(2000, ge=1, le=100_000, description="Most memories one distillation takes.")
     nice: int = Field(19, ge=0, le=19,
                       description="Niceness of the training process: the daemon's requests go first.")
+    idle: bool = Field(
+        True, description="Run the training process under SCHED_IDLE (Linux): any other runnable thread preempts "
+                          "it at once, where niceness alone lets it finish its time slice first.")
     threads: int | None = Field(None, ge=1, le=1024,
                                 description="torch threads of the training process (None: torch's default).")
     concurrent_jobs: int = Field(

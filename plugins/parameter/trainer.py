@@ -80,7 +80,17 @@ def _watch_parent(every_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def _lower_priority(argv: list[str]) -> None:
+    """Take the priority the daemon asks for (``--nice N``, ``--idle``) before any thread is started."""
+    if "--nice" in argv:
+        wanted = int(argv[argv.index("--nice") + 1])
+        os.nice(max(0, wanted - os.nice(0)))
+    if "--idle" in argv and hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # threads made later inherit it
+
+
 def main() -> int:
+    _lower_priority(sys.argv[1:])
     _watch_parent()
     # The protocol owns file descriptor 1; anything a library prints goes to stderr.
     out = os.fdopen(os.dup(1), "w", encoding="utf-8")
