@@ -79,15 +79,21 @@ def evaluate(lm, facts: list[dict], retain: list[dict], world: list[dict]) -> di
             scores = [answer_nll(lm, w["question"], a) for a in [w["answer"], *w["perturbed_answer"]]]
             world_nll.append(scores[0])
             right += scores[0] < min(scores[1:])
-        contains, recall = 0, []
+        contains, recall = [], []
         for f in facts:
             ids = lm.chat_ids([{"role": "user", "content": f["question"]}])
             text = lm.generate(ids, None, GREEDY_TOKENS).text
-            contains += normalise(f["answer"]) in normalise(text)
+            contains.append(normalise(f["answer"]) in normalise(text))
             recall.append(rouge_l_recall(f["answer"], text))
-    return {"facts_nll": statistics.fmean(fact_nll), "fact_nlls": fact_nll, "retain_nll": statistics.fmean(retain_nll),
-            "world_nll": statistics.fmean(world_nll), "world_mc": right / len(world),
-            "contains": contains / len(facts), "rouge_l_recall": statistics.fmean(recall)}
+    return {"per_fact": {"nll": fact_nll, "contains": contains, "recall": recall},
+            "retain_nll": statistics.fmean(retain_nll), "world_nll": statistics.fmean(world_nll),
+            "world_mc": right / len(world), **on_first(fact_nll, contains, recall, len(facts))}
+
+
+def on_first(nll: list[float], contains: list[bool], recall: list[float], n: int) -> dict:
+    """The fact figures over the first ``n`` facts."""
+    return {"facts_nll": statistics.fmean(nll[:n]), "contains": sum(contains[:n]) / n,
+            "rouge_l_recall": statistics.fmean(recall[:n])}
 
 
 def get_p50(client: Client, cube: str, memory_id: str, n: int) -> float:
@@ -158,8 +164,8 @@ def main() -> None:
             adapter = Adapter.from_safetensors(client.get_blob(cube, mem.blob.sha256))
             with lm.adapter(adapter):
                 after = evaluate(lm, forget[:n], retain, world)
-            before = {**base, "facts_nll": statistics.fmean(base["fact_nlls"][:n])}
-            before["contains"] = None  # recomputed below on the first n
+            per_fact = base["per_fact"]
+            before = {**base, **on_first(per_fact["nll"], per_fact["contains"], per_fact["recall"], n)}
             results.append({"n": n, "before": before, "after": after, "seconds": seconds,
                             "per_100_facts_s": seconds * 100 / n, "get_p50_idle_us": idle,
                             "get_p50_training_us": statistics.median(busy) * 1e6, "gets_during": len(busy),
@@ -171,21 +177,16 @@ def main() -> None:
         proc.wait(120)
         shutil.rmtree(root, ignore_errors=True)
 
-    with lm.lock:  # the base model's contains-answer rate on each first n
-        contains = []
-        for f in most:
-            ids = lm.chat_ids([{"role": "user", "content": f["question"]}])
-            contains.append(normalise(f["answer"]) in normalise(lm.generate(ids, None, GREEDY_TOKENS).text))
     print(f"\n# bench/lora.py  total {time.time() - began:.0f}s  recipe {json.dumps(results[0]['report']['recipe'])}")
     print("   N  facts NLL before/after  retain NLL before/after  world NLL before/after  world MC before/after  "
-          "contains before/after  ROUGE-L after  s/100 facts  steps  get p50 idle/training")
+          "contains before/after  ROUGE-L before/after  s/100 facts  steps  get p50 idle/training")
     for r in results:
         b, a = r["before"], r["after"]
-        b["contains"] = sum(contains[:r["n"]]) / r["n"]
         print(f"{r['n']:>4}  {b['facts_nll']:>9.3f} / {a['facts_nll']:<9.3f}  {b['retain_nll']:>10.3f} / "
               f"{a['retain_nll']:<10.3f}  {b['world_nll']:>9.3f} / {a['world_nll']:<9.3f}  "
               f"{100 * b['world_mc']:>8.1f}% / {100 * a['world_mc']:<8.1f}%  "
-              f"{100 * b['contains']:>7.1f}% / {100 * a['contains']:<7.1f}%  {a['rouge_l_recall']:>12.2f}  "
+              f"{100 * b['contains']:>7.1f}% / {100 * a['contains']:<7.1f}%  "
+              f"{b['rouge_l_recall']:>9.2f} / {a['rouge_l_recall']:<9.2f}  "
               f"{r['per_100_facts_s']:>11.0f}  {r['report']['steps']:>5}  "
               f"{r['get_p50_idle_us']:.0f} / {r['get_p50_training_us']:.0f} us "
               f"({r['get_p50_training_us'] / r['get_p50_idle_us']:.2f}x)")
@@ -200,8 +201,8 @@ def main() -> None:
               f"({r['get_p50_training_us'] / r['get_p50_idle_us']:.2f}x)")
     if args.out:
         for r in results:
-            r["before"].pop("fact_nlls", None)
-            r["after"].pop("fact_nlls", None)
+            r["before"].pop("per_fact", None)
+            r["after"].pop("per_fact", None)
         args.out.write_text(json.dumps(results, indent=2))
 
 
