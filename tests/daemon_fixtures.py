@@ -37,6 +37,16 @@ TOYTYPE = ROOT / "tests" / "toytype"
 MEMOSD = [sys.executable, "-m", "memos.daemon.main"]
 
 
+def memosctl(daemon: Daemon, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    """``memosctl ARGS`` against ``daemon`` as the local administrator; asserts its exit status."""
+    env = {**os.environ, "MEMOS_SOCKET": str(daemon.socket)}
+    env.pop("MEMOS_TOKEN", None)
+    proc = subprocess.run([sys.executable, "-m", "memos.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=120, cwd=ROOT, check=False)
+    assert (proc.returncode == 0) == ok, proc.stderr
+    return proc
+
+
 class Daemon:
     """One memosd process (and its successors after restarts) on one data dir."""
 

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from daemon_fixtures import ROOT, Daemon, _running
+from daemon_fixtures import Daemon, _running, memosctl
 
 from memos.errors import Conflict, Denied, IntegrityError, InvalidRequest, ModelMismatch, NotFound
 
@@ -442,12 +440,7 @@ def test_memosctl_activates_lists_and_generates(daemon, admin, tiny_models):
     _cube(admin, c)
 
     def ctl(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-        env = {**os.environ, "MEMOS_SOCKET": str(daemon.socket)}
-        env.pop("MEMOS_TOKEN", None)
-        proc = subprocess.run([sys.executable, "-m", "memos.cli", *args], capture_output=True, text=True,
-                              env=env, timeout=120, cwd=ROOT)
-        assert (proc.returncode == 0) == ok, proc.stderr
-        return proc
+        return memosctl(daemon, *args, ok=ok)
 
     job = json.loads(ctl("activate", c, "--wait", "--json").stdout)
     assert job["state"] == "done" and job["detail"]["memory"]

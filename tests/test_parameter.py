@@ -13,7 +13,7 @@ import os
 import time
 
 import pytest
-from daemon_fixtures import Daemon, _running
+from daemon_fixtures import Daemon, _running, memosctl
 from test_activation import _env, _wait_job, tiny_models  # noqa: F401 (the fixture)
 
 from memos.errors import Conflict, IntegrityError, InvalidRequest, ModelMismatch
@@ -406,20 +406,12 @@ def test_activate_with_an_adapter_makes_a_cache_only_that_adapter_uses(admin):
 
 def test_memosctl_distills_with_wait_and_lists_adapters(daemon, admin):
     import subprocess
-    import sys
-
-    from daemon_fixtures import ROOT
 
     c = "par-cli"
     _cube(admin, c)
 
     def ctl(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-        env = {**os.environ, "MEMOS_SOCKET": str(daemon.socket)}
-        env.pop("MEMOS_TOKEN", None)
-        proc = subprocess.run([sys.executable, "-m", "memos.cli", *args], capture_output=True, text=True,
-                              env=env, timeout=120, cwd=ROOT)
-        assert (proc.returncode == 0) == ok, proc.stderr
-        return proc
+        return memosctl(daemon, *args, ok=ok)
 
     out = ctl("distill", c, "--steps", "4", "--learning-rate", "0.01", "--rank", "4", "--wait").stdout
     assert "done" in out and "final_loss" in out
