@@ -15,10 +15,15 @@ from .models import Cube, Role
 
 @dataclass(frozen=True)
 class Actor:
-    """Who asks. ``admin`` is the local administrator: every role on every cube."""
+    """Who asks. ``admin``: every role on every cube (the local administrator, and policies).
+
+    ``policy``: the policy acting, when a policy of the scheduler asks; what it
+    adds records the policy in its provenance.
+    """
 
     name: str
     admin: bool = False
+    policy: str | None = None
 
 
 LOCAL_ADMIN = Actor("admin", admin=True)

@@ -11,12 +11,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import time
 from typing import Any
 
 import lmdb
 
-from . import catalog, codec
+from . import catalog, clock, codec
 from . import validation as check
 from .access import Actor
 from .core import Core
@@ -50,7 +49,7 @@ class Agents:
             if txn.get(agent.encode(), db=self.db) is not None:
                 raise Conflict(f"agent {agent!r} already exists", agent=agent)
             secret = secrets.token_urlsafe(32)
-            record = {"name": agent, "created_at": time.time(), "created_by": actor.name,
+            record = {"name": agent, "created_at": clock.now(), "created_by": actor.name,
                       "token_sha256": _hash(secret)}
             txn.put(agent.encode(), codec.pack(record), db=self.db)
             return Applied({"name": agent, "token": f"{agent}.{secret}"}, detail={"agent": agent})

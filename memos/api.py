@@ -30,10 +30,12 @@ from .auditing import AuditAdmin
 from .core import Core
 from .cubes import Cubes
 from .errors import MemosError
+from .governance import Governance
 from .jobs import Jobs
 from .memories import Memories, NewMemory
 from .memtypes import MemoryType, load_types
 from .operations import Route, bind
+from .proposals import Proposals
 from .session import JobControl, Session
 from .storage import Store, StoreOptions
 from .validation import Limits
@@ -54,19 +56,22 @@ class Memos:
     def __init__(
         self, path: str | os.PathLike[str], *, options: StoreOptions | None = None,
         limits: Limits | None = None, types: Mapping[str, MemoryType] | None = None,
+        governance: Governance | None = None,
     ) -> None:
-        """``types``: memory-type instances by name; default: one of each registered type."""
+        """``types``: memory-type instances by name; default: one of each registered type.
+        ``governance``: the rules of rollback; default: every cube admin rolls back directly."""
         self.types = dict(types) if types is not None else {n: cls() for n, cls in load_types().items()}
         store = Store(path, options, extra_databases=type_databases(self.types))
-        self.core = Core(store, limits or Limits(), self.types)
+        self.core = Core(store, limits or Limits(), self.types, governance)
         self.cubes = Cubes(self.core)
         self.memories = Memories(self.core)
         self.versions = Versions(self.core)
+        self.proposals = Proposals(self.core)
         self.audit_admin = AuditAdmin(self.core)
         self.agents = Agents(self.core)
         self.jobs = Jobs()
-        self.parts: tuple[Any, ...] = (Session(), self.cubes, self.memories, self.versions, self.audit_admin,
-                                       self.agents, JobControl(self.jobs, self.cubes))
+        self.parts: tuple[Any, ...] = (Session(), self.cubes, self.memories, self.versions, self.proposals,
+                                       self.audit_admin, self.agents, JobControl(self.jobs, self.cubes))
 
     def routes(self) -> dict[str, Route]:
         """Every operation, the core's and each memory type's, bound to what serves it."""

@@ -10,12 +10,11 @@ Truncating the tail leaves a valid chain: an exported :class:`Checkpoint`
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import lmdb
 
-from . import codec
+from . import clock, codec
 from .errors import IntegrityError
 from .models import AuditRecord, Checkpoint, VerifyReport
 from .storage import Store
@@ -47,7 +46,7 @@ class AuditLog:
         # Plain data in AuditRecord's JSON form (fields in its order): this runs
         # in every write, and verify() re-derives the same body from the model.
         record: dict[str, Any] = {
-            "seq": seq + 1, "time": time.time(), "actor": actor, "op": op, "outcome": outcome,
+            "seq": seq + 1, "time": clock.now(), "actor": actor, "op": op, "outcome": outcome,
             "cube": cube, "version": version, "detail": _bounded(detail or {}), "prev": prev,
         }
         record["hash"] = codec.sha256_hex(codec.pack(record))

@@ -22,6 +22,7 @@ from .models import (
     Cube,
     DiffEntry,
     Memory,
+    Proposal,
     VerifyReport,
 )
 from .operations import Args, NoArgs, Operation
@@ -147,6 +148,15 @@ class ListArgs(Args):
     tag: str | None = Field(None, max_length=64)
     limit: int | None = Field(None, ge=0)
     after: str | None = Field(None, max_length=64)
+    usage: bool = False  # fill in each memory's read counts
+
+
+class MergeArgs(Args):
+    cube: str = Field(max_length=200)
+    ids: list[str] = Field(min_length=2, max_length=100)
+    text: str | None = None  # default: the text of the most recently updated of them
+    tags: list[str] | None = None  # default: all of theirs
+    metadata: dict[str, Any] | None = None  # default: that of the most recently updated
 
 
 class BlobArgs(Args):
@@ -164,6 +174,9 @@ MEMORIES_OPERATIONS = (
               "write_update", ("cube", "id", "text")),
     Operation("delete", DeleteArgs, Memory, "writer", "Soft-delete a memory (history kept).",
               "write_delete", ("cube", "id")),
+    Operation("merge", MergeArgs, Memory, "writer",
+              "Merge memories of one type into a new one whose sources list them; the originals are archived.",
+              "write_merge", ("cube", "ids")),
     Operation("list", ListArgs, list[Memory], "worker", "Memories in creation order, filtered.", "list", ("cube",)),
     Operation("get_blob", BlobArgs, bytes, "worker", "A KV cache or adapter blob by sha256.",
               "get_blob", ("cube", "sha256")),
@@ -189,6 +202,28 @@ class RollbackArgs(Args):
     memory_ids: list[str] | None = None
 
 
+class ProposeArgs(RollbackArgs):
+    reason: str = Field("", max_length=2000)
+
+
+class ProposalArgs(Args):
+    id: str = Field(max_length=64)
+
+
+class RejectArgs(ProposalArgs):
+    reason: str = Field("", max_length=2000)
+
+
+class ProposalsArgs(Args):
+    cube: str | None = Field(None, max_length=200)
+    status: Literal["pending", "applied", "rejected", "expired", "all"] = "pending"
+
+
+class ProposalDetail(BaseModel):
+    proposal: Proposal
+    diff: list[DiffEntry]  # what approving it would change now: the memories now (before), restored (after)
+
+
 VERSIONS_OPERATIONS = (
     Operation("history", HistoryArgs, list[Commit], "worker", "Commits, newest first.", "history", ("cube",)),
     Operation("diff", DiffArgs, list[DiffEntry], "worker", "Memories that differ between two versions.",
@@ -196,6 +231,21 @@ VERSIONS_OPERATIONS = (
     Operation("rollback", RollbackArgs, Commit, "writer",
               "Restore the cube or chosen memories to a version (cube admin).",
               "write_rollback", ("cube", "to_version", "memory_ids")),
+)
+
+PROPOSAL_OPERATIONS = (
+    Operation("rollback_propose", ProposeArgs, Proposal, "writer",
+              "Propose a rollback for another admin of the cube to approve (write on the cube).",
+              "write_propose", ("cube", "to_version", "memory_ids")),
+    Operation("rollback_show", ProposalArgs, ProposalDetail, "worker",
+              "A proposal and the diff approving it would make now.", "show", ("id",)),
+    Operation("rollback_approve", ProposalArgs, Commit, "writer",
+              "Apply a proposal (admin of the cube, not the proposer); refused if expired or stale.",
+              "write_approve", ("id",)),
+    Operation("rollback_reject", RejectArgs, Proposal, "writer",
+              "Reject a proposal (admin of the cube), or withdraw one's own.", "write_reject", ("id", "reason")),
+    Operation("rollback_proposals", ProposalsArgs, list[Proposal], "worker",
+              "Proposals on cubes the caller may read, newest first.", "list", ("cube",)),
 )
 
 
@@ -250,4 +300,4 @@ AGENTS_OPERATIONS = (
 def core_operations() -> tuple[Operation, ...]:
     """The core's operations, in the order the documentation lists them."""
     return (SESSION_OPERATIONS + AGENTS_OPERATIONS + CUBES_OPERATIONS + MEMORIES_OPERATIONS
-            + VERSIONS_OPERATIONS + JOB_OPERATIONS + AUDIT_OPERATIONS)
+            + VERSIONS_OPERATIONS + PROPOSAL_OPERATIONS + JOB_OPERATIONS + AUDIT_OPERATIONS)

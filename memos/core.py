@@ -10,15 +10,16 @@ Failures (denials included) are audited too.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lmdb
 
+from . import clock
 from .access import Actor, require
 from .audit import AuditLog
 from .errors import Denied, MemosError
+from .governance import Governance
 from .ledger import Ledger
 from .models import Change, Commit, Cube, Role
 from .storage import Store
@@ -30,13 +31,15 @@ from .writes import Applied, Write
 class Core:
     """The store and what every concern of the core shares."""
 
-    def __init__(self, store: Store, limits: Limits, types: Mapping[str, Any]) -> None:
+    def __init__(self, store: Store, limits: Limits, types: Mapping[str, Any],
+                 governance: Governance | None = None) -> None:
         self.store = store
         self.ledger = Ledger(store)
         self.audit = AuditLog(store)
         self.usage = UsageCounts(store)
         self.limits = limits
         self.types = types  # memory types by name (their validate() checks items)
+        self.governance = governance or Governance()
 
     # -- writes ---------------------------------------------------------
 
@@ -69,7 +72,7 @@ class Core:
             if w.request_id is not None:
                 detail["request_id"] = w.request_id
             self.audit.append(txn, actor=w.actor.name, op=w.op, outcome="ok",
-                              cube=w.cube, version=applied.version, detail=detail)
+                              cube=applied.cube or w.cube, version=applied.version, detail=detail)
             return applied
 
         return unit
@@ -95,7 +98,7 @@ class Core:
         """Record a new cube version made of ``changes``."""
         cube.version += 1
         commit = Commit(cube=cube.name, version=cube.version, actor=actor.name,
-                        time=time.time(), op=op, changes=changes, info=info or {})
+                        time=clock.now(), op=op, changes=changes, info=info or {})
         self.ledger.put_commit(txn, commit)
         self.ledger.put_cube(txn, cube)
         return commit

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import lmdb
 
-from . import catalog
+from . import catalog, clock
 from . import validation as check
 from .access import Actor, may_read
 from .core import Core
@@ -32,7 +31,7 @@ class Cubes:
                 raise InvalidRequest("settings must be a map", field="settings")
             if core.ledger.has_cube(txn, cube_name):
                 raise Conflict(f"cube {cube_name!r} already exists", cube=cube_name)
-            now = time.time()
+            now = clock.now()
             cube = Cube(name=cube_name, owner=actor.name, acl={actor.name: Role.admin},
                         settings=check.metadata(settings, core.limits), version=0, created_at=now)
             core.ledger.put_commit(txn, Commit(cube=cube_name, version=0, actor=actor.name,

@@ -69,6 +69,12 @@ class Conflict(MemosError):
     code = "conflict"
 
 
+class Expired(Conflict):
+    """A rollback proposal past its expiry: it can no longer be approved."""
+
+    code = "expired"
+
+
 class ModelMismatch(MemosError):
     """A KV cache or adapter is loaded into a model it was not built for."""
 

@@ -3,14 +3,13 @@ each type's :meth:`~memos.memtypes.MemoryType.validate` says what its items need
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import lmdb
 
-from . import catalog, codec
+from . import catalog, clock, codec
 from . import validation as check
 from .access import Actor
 from .core import Core
@@ -27,6 +26,7 @@ from .models import (
     Role,
     SourceRef,
     Status,
+    Usage,
 )
 from .writes import Applied, Write
 
@@ -123,13 +123,60 @@ class Memories:
                 mem.status = check.status(status)
             if text is not None or metadata is not None:
                 self._validate(mem.type, mem.text, None, "", mem.tags, mem.metadata, mem.blob)
-            mem.updated_at = time.time()
+            mem.updated_at = clock.now()
             version = found.version + 1
             self._store_state(txn, mem, version)
             core.commit(txn, actor, found, op, [Change(memory_id=mem.id, before=before, after=mem.content_hash)])
             return Applied(mem, version, [mem.id])
 
         return Write(actor, op, cube, fn, request_id)
+
+    def write_merge(self, actor: Actor, cube: Any, ids: Sequence[str], text: Any = None, *, tags: Any = None,
+                    metadata: Any = None, request_id: str | None = None) -> Write:
+        """One new memory in place of ``ids``: its sources are them at their versions, and they are
+        archived (not erased) in the same commit, so rolling the commit back restores them exactly.
+
+        What is not given comes from the most recently updated of them (text, metadata) or all
+        of them (tags, in order). Memories with blobs are not merged: their types fuse them.
+        """
+        core = self.core
+        ids = _once(ids)
+
+        def fn(txn: lmdb.Transaction) -> Applied:
+            found = core.require(txn, actor, cube, Role.write)
+            if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or len(set(ids)) < 2:
+                raise InvalidRequest("merge needs two or more distinct memory ids", field="ids")
+            if len(ids) > 100:
+                raise TooLarge("merge takes at most 100 memories", field="ids")
+            olds = [self._current(txn, found.name, m) for m in dict.fromkeys(ids)]
+            for old in olds:
+                if old.status is not Status.active:
+                    raise Conflict(f"memory {old.id} is {old.status.value}, not active", memory=old.id)
+                if old.blob is not None:
+                    raise InvalidRequest(f"memory {old.id} holds a blob; its type fuses such memories",
+                                         memory=old.id)
+            if len({old.type for old in olds}) > 1:
+                raise InvalidRequest("merged memories must be of one type", field="ids")
+            newest = max(olds, key=lambda m: (m.updated_at, m.id))
+            merged_tags = tags if tags is not None else list(dict.fromkeys(t for m in olds for t in m.tags))
+            item = NewMemory(
+                text=newest.text if text is None else text, type=newest.type, tags=merged_tags,
+                metadata=newest.metadata if metadata is None else metadata,
+                sources=[SourceRef(memory_id=m.id, version=m.version) for m in olds],
+            )
+            mem = self._build(txn, actor, found, item, request_id)
+            version = found.version + 1
+            self._store_state(txn, mem, version)
+            changes = [Change(memory_id=mem.id, before=None, after=mem.content_hash)]
+            for old in olds:
+                before = old.content_hash
+                old.status, old.updated_at = Status.archived, mem.created_at
+                self._store_state(txn, old, version)
+                changes.append(Change(memory_id=old.id, before=before, after=old.content_hash))
+            core.commit(txn, actor, found, "merge", changes, {"merged": [m.id for m in olds]})
+            return Applied(mem, version, [c.memory_id for c in changes])
+
+        return Write(actor, "merge", cube, fn, request_id)
 
     def write_delete(self, actor: Actor, cube: Any, id: Any, expected_version: Any = None,
                      request_id: str | None = None) -> Write:
@@ -161,11 +208,11 @@ class Memories:
         sources = self._sources(txn, cube, item.sources)
         if item.policy is not None and not isinstance(item.policy, str):
             raise InvalidRequest("policy must be a string", field="policy")
-        now = time.time()
+        now = clock.now()
         return Memory(
             id=new_id(), cube=cube.name, type=kind, text=text, blob=blob_ref, tags=tags, metadata=metadata,
             provenance=Provenance(actor=actor.name, time=now, sources=sources,
-                                  policy=item.policy, request_id=request_id),
+                                  policy=item.policy or actor.policy, request_id=request_id),
             status=Status.active, created_at=now, updated_at=now,
         )
 
@@ -257,8 +304,12 @@ class Memories:
         return self.core.read(actor, "get_many", cube, fn)
 
     def list(self, actor: Actor, cube: str, *, at: int | None = None, status: Status | str | None = Status.active,
-             tag: str | None = None, limit: int | None = None, after: str | None = None) -> list[Memory]:
-        """Memories in id (creation) order, filtered; ``status`` None or "all" lists all."""
+             tag: str | None = None, limit: int | None = None, after: str | None = None,
+             usage: bool = False) -> list[Memory]:
+        """Memories in id (creation) order, filtered; ``status`` None or "all" lists all.
+
+        ``usage``: with each memory's read counts (those not yet written included).
+        """
         core = self.core
 
         def fn(txn: lmdb.Transaction) -> list[Memory]:
@@ -272,6 +323,8 @@ class Memories:
                 if limit is not None and len(out) >= limit:
                     break
                 if (wanted is None or mem.status is wanted) and (tag is None or tag in mem.tags):
+                    if usage:
+                        mem.usage = Usage.model_validate(core.usage.plain(txn, found.name, mem.id))
                     out.append(mem)
             return out
 

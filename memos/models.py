@@ -173,6 +173,34 @@ class DiffEntry(_Model):
     after: Memory | None = None
 
 
+class Proposal(_Model):
+    """A rollback waiting for another agent's approval (``rollback_propose``).
+
+    ``plan`` is the dry run when it was made: [memory id, content hash now,
+    content hash restored] (None: absent). Approval recomputes it and refuses
+    if the cube has changed what the rollback would do (``stale``).
+    """
+
+    id: str
+    cube: str
+    to_version: int
+    memory_ids: list[str] | None = None
+    proposer: str
+    reason: str = ""
+    created_at: float
+    expires_at: float
+    base_version: int  # the cube's version when proposed
+    plan: list[list[str | None]] = Field(default_factory=list)
+    status: Literal["pending", "applied", "rejected"] = "pending"
+    decided_by: str | None = None
+    decided_at: float | None = None
+    decision: str = ""  # why it was rejected
+    applied_version: int | None = None
+    # Not stored: filled in on read.
+    expired: bool = False  # pending past expires_at: it can no longer be approved
+    stale: bool | None = None  # the cube changed what the rollback would do (shown by rollback_show)
+
+
 class AuditRecord(_Model):
     seq: int
     time: float

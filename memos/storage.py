@@ -39,6 +39,9 @@ DATABASES: dict[str, str] = {
     "usage": "cube\\0memory id -> Usage record",
     "agents": "agent name -> Agent record (hashed token, created)",
     "requests": "agent\\0request id -> {time, reply}: a write's stored reply (idempotent retries)",
+    "proposals": "proposal id -> rollback proposal record",
+    "policy_runs": "run id -> policy run record (what a policy looked at, did and why)",
+    "policy_state": "policy name -> {last run, its time}: schedules resume from it after a restart",
     "request_times": "u64 ms stored + agent\\0request id -> '' (stored replies oldest first, for pruning)",
 }
 # Memory types declare their own sub-databases; they are opened as "<type>/<name>".

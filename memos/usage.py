@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterable
 from typing import Any
 
 import lmdb
 
-from . import codec
+from . import clock, codec
 from .ids import is_id
 from .ledger import memory_key
 from .models import NAME_PATTERN, Usage
@@ -25,7 +24,7 @@ class UsageCounts:
         self.lock = threading.Lock()
 
     def record(self, cube: str, ids: Iterable[str]) -> None:
-        now = time.time()
+        now = clock.now()
         with self.lock:
             for memory_id in ids:
                 entry = self.pending.setdefault((cube, memory_id), [0, now])

@@ -11,10 +11,10 @@ from . import catalog, codec
 from . import validation as check
 from .access import Actor
 from .core import Core
-from .errors import InvalidRequest, NotFound
+from .errors import Denied, InvalidRequest, NotFound
 from .ledger import ABSENT
 from .memories import _once, version_in
-from .models import Change, Commit, DiffEntry, Memory, Role
+from .models import Change, Commit, Cube, DiffEntry, Memory, Role
 from .writes import Applied, Write
 
 
@@ -73,41 +73,86 @@ class Versions:
 
     def write_rollback(self, actor: Actor, cube: Any, to_version: Any,
                        memory_ids: Sequence[str] | None = None, request_id: str | None = None) -> Write:
-        """Restore the cube (or chosen memories) to ``to_version`` by a new commit."""
-        core, ledger = self.core, self.core.ledger
+        """Restore the cube (or chosen memories) to ``to_version`` by a new commit.
+
+        Governed: the rules (:mod:`memos.governance`) must let ``actor`` roll this cube back directly.
+        """
+        core = self.core
         memory_ids = _once(memory_ids)
 
         def fn(txn: lmdb.Transaction) -> Applied:
             found = core.require(txn, actor, cube, Role.admin)
+            mode = core.governance.rollback_mode(found.name, actor.name)
+            if mode != "direct":
+                raise Denied(
+                    f"agent {actor.name!r} may not roll back cube {found.name!r} directly"
+                    + (": propose it (rollback_propose) for another admin to approve" if mode == "propose" else ""),
+                    cube=found.name, agent=actor.name, rule=mode,
+                )
             target = version_in(found, to_version)
-            touched = ledger.touched_between(txn, found.name, target, found.version)
-            chosen: list[str] = []
-            if memory_ids is not None:
-                if isinstance(memory_ids, (str, bytes)) or not isinstance(memory_ids, Iterable):
-                    raise InvalidRequest("memory_ids must be a list of ids", field="memory_ids")
-                chosen = [check.memory_id(m) for m in memory_ids]
-                for memory_id in chosen:
-                    if not ledger.memory_versions(txn, found.name, memory_id):
-                        raise NotFound(f"no memory {memory_id} in cube {found.name!r}", memory=memory_id)
-                touched = [m for m in touched if m in set(chosen)]
-            version = found.version + 1
-            changes = []
-            for memory_id in touched:
-                old = ledger.state_at(txn, found.name, memory_id, target)
-                now = ledger.head(txn, found.name, memory_id)
-                old_state = old[1] if old else ABSENT
-                now_state = now[1] if now else ABSENT
-                if old_state == now_state:
-                    continue
-                blob = Memory.from_state_bytes(old_state, target).blob if old_state else None
-                ledger.write_state(txn, found.name, memory_id, version, old_state, blob.sha256 if blob else None)
-                changes.append(Change(
-                    memory_id=memory_id,
-                    before=codec.sha256_hex(now_state) if now_state else None,
-                    after=codec.sha256_hex(old_state) if old_state else None,
-                ))
-            info = {"to_version": target, "memory_ids": None if memory_ids is None else chosen}
-            commit = core.commit(txn, actor, found, "rollback", changes, info)
-            return Applied(commit, version, [c.memory_id for c in changes], {"to_version": target})
+            plan = rollback_plan(core, txn, found, target, memory_ids)
+            info = {"to_version": target, "memory_ids": None if memory_ids is None else list(memory_ids)}
+            return apply_plan(core, txn, actor, found, target, plan, info)
 
         return Write(actor, "rollback", cube, fn, request_id)
+
+
+Step = tuple[str, bytes, bytes]  # memory id, its state now, the state it returns to (ABSENT: none)
+
+
+def rollback_plan(core: Core, txn: lmdb.Transaction, found: Cube, target: int,
+                  memory_ids: Any = None) -> list[Step]:
+    """What restoring ``found`` (or ``memory_ids`` in it) to version ``target`` changes, in id order."""
+    ledger = core.ledger
+    touched = ledger.touched_between(txn, found.name, target, found.version)
+    if memory_ids is not None:
+        if isinstance(memory_ids, (str, bytes)) or not isinstance(memory_ids, Iterable):
+            raise InvalidRequest("memory_ids must be a list of ids", field="memory_ids")
+        chosen = {check.memory_id(m) for m in memory_ids}
+        for memory_id in sorted(chosen):
+            if not ledger.memory_versions(txn, found.name, memory_id):
+                raise NotFound(f"no memory {memory_id} in cube {found.name!r}", memory=memory_id)
+        touched = [m for m in touched if m in chosen]
+    plan = []
+    for memory_id in touched:
+        old = ledger.state_at(txn, found.name, memory_id, target)
+        now = ledger.head(txn, found.name, memory_id)
+        old_state = old[1] if old else ABSENT
+        now_state = now[1] if now else ABSENT
+        if old_state != now_state:
+            plan.append((memory_id, now_state, old_state))
+    return plan
+
+
+def plan_hashes(plan: Sequence[Step]) -> list[list[str | None]]:
+    """A plan as [memory id, content hash now, content hash restored] triples (None: absent)."""
+    return [[m, codec.sha256_hex(now) if now else None, codec.sha256_hex(old) if old else None]
+            for m, now, old in plan]
+
+
+def plan_diff(plan: Sequence[Step], found: Cube, target: int) -> list[DiffEntry]:
+    """A plan as the diff it would make: from the memories now to those restored."""
+    out = []
+    for memory_id, now, old in plan:
+        before = Memory.from_state_bytes(now, found.version) if now else None
+        after = Memory.from_state_bytes(old, target) if old else None
+        change = "added" if before is None else "removed" if after is None else "modified"
+        out.append(DiffEntry(memory_id=memory_id, change=change, before=before, after=after))
+    return out
+
+
+def apply_plan(core: Core, txn: lmdb.Transaction, actor: Actor, found: Cube, target: int,
+               plan: Sequence[Step], info: dict[str, Any]) -> Applied:
+    """Write a plan as one ``rollback`` commit: each memory's old state bytes, exactly."""
+    version = found.version + 1
+    changes = []
+    for memory_id, now_state, old_state in plan:
+        blob = Memory.from_state_bytes(old_state, target).blob if old_state else None
+        core.ledger.write_state(txn, found.name, memory_id, version, old_state, blob.sha256 if blob else None)
+        changes.append(Change(
+            memory_id=memory_id,
+            before=codec.sha256_hex(now_state) if now_state else None,
+            after=codec.sha256_hex(old_state) if old_state else None,
+        ))
+    commit = core.commit(txn, actor, found, "rollback", changes, info)
+    return Applied(commit, version, [c.memory_id for c in changes], {"to_version": target})

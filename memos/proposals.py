@@ -1,0 +1,185 @@
+"""Governed rollback: proposals that another agent with admin rights approves or rejects.
+
+A proposal records the rollback asked for and its dry run (the plan: each
+memory's content hash now and restored). Approval applies it as one
+``rollback`` commit, unless it has expired or the cube has since changed what
+it would do (stale: the approver would be approving a diff they never saw).
+Every step is a write, so every step is audited; proposals are announced on
+their cube's events like other changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lmdb
+
+from . import catalog, clock, codec
+from . import validation as check
+from .access import Actor, may_read
+from .core import Core
+from .errors import Conflict, Denied, Expired, InvalidRequest, NotFound
+from .ids import is_id, new_id
+from .memories import _once, version_in
+from .models import Commit, Cube, Proposal, Role
+from .versions import apply_plan, plan_diff, plan_hashes, rollback_plan
+from .writes import Applied, Write
+
+
+class Proposals:
+    operations = catalog.PROPOSAL_OPERATIONS
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.db = core.store.db["proposals"]
+
+    # -- writes ---------------------------------------------------------
+
+    def write_propose(self, actor: Actor, cube: Any, to_version: Any, memory_ids: Sequence[str] | None = None,
+                      reason: str = "", request_id: str | None = None) -> Write:
+        core = self.core
+        memory_ids = _once(memory_ids)
+
+        def fn(txn: lmdb.Transaction) -> Applied:
+            found = core.require(txn, actor, cube, Role.write)
+            if core.governance.rollback_mode(found.name, actor.name) == "deny":
+                raise Denied(f"agent {actor.name!r} may not roll back cube {found.name!r}",
+                             cube=found.name, agent=actor.name, rule="deny")
+            if not isinstance(reason, str) or len(reason) > 2000:
+                raise InvalidRequest("reason must be a string of at most 2000 characters", field="reason")
+            target = version_in(found, to_version)
+            plan = rollback_plan(core, txn, found, target, memory_ids)
+            if not plan:
+                raise InvalidRequest(f"cube {found.name!r} would not change: nothing to propose", field="to_version")
+            now = clock.now()
+            proposal = Proposal(
+                id=new_id(), cube=found.name, to_version=target, proposer=actor.name, reason=reason,
+                memory_ids=None if memory_ids is None else [check.memory_id(m) for m in memory_ids],
+                created_at=now, expires_at=now + core.governance.proposal_ttl_s,
+                base_version=found.version, plan=plan_hashes(plan),
+            )
+            self._put(txn, proposal)
+            return Applied(proposal, found.version, [], self._detail(proposal))
+
+        return Write(actor, "rollback_propose", cube, fn, request_id)
+
+    def write_approve(self, actor: Actor, id: Any, request_id: str | None = None) -> Write:
+        core = self.core
+
+        def fn(txn: lmdb.Transaction) -> Applied:
+            proposal, found = self._decidable(txn, actor, id)
+            if proposal.proposer == actor.name:
+                raise Denied("a proposal must be approved by an agent other than its proposer",
+                             proposal=proposal.id, agent=actor.name)
+            target = version_in(found, proposal.to_version)
+            plan = rollback_plan(core, txn, found, target, proposal.memory_ids)
+            if plan_hashes(plan) != proposal.plan:
+                raise Conflict(
+                    f"proposal {proposal.id} is stale: cube {found.name!r} changed since v{proposal.base_version} "
+                    "in what the rollback would do; propose it again", proposal=proposal.id, version=found.version)
+            info = {"to_version": target, "memory_ids": proposal.memory_ids, "proposal": proposal.id,
+                    "proposer": proposal.proposer}
+            applied = apply_plan(core, txn, actor, found, target, plan, info)
+            proposal.status, proposal.decided_by, proposal.decided_at = "applied", actor.name, clock.now()
+            proposal.applied_version = applied.version
+            self._put(txn, proposal)
+            applied.detail.update(self._detail(proposal))
+            applied.cube = found.name
+            return applied
+
+        return Write(actor, "rollback_approve", None, fn, request_id)
+
+    def write_reject(self, actor: Actor, id: Any, reason: str = "", request_id: str | None = None) -> Write:
+        def fn(txn: lmdb.Transaction) -> Applied:
+            proposal, found = self._decidable(txn, actor, id, withdraw=True)
+            if not isinstance(reason, str) or len(reason) > 2000:
+                raise InvalidRequest("reason must be a string of at most 2000 characters", field="reason")
+            proposal.status, proposal.decided_by, proposal.decided_at = "rejected", actor.name, clock.now()
+            proposal.decision = reason
+            self._put(txn, proposal)
+            return Applied(proposal, found.version, [], self._detail(proposal), cube=found.name)
+
+        return Write(actor, "rollback_reject", None, fn, request_id)
+
+    def _decidable(self, txn: lmdb.Transaction, actor: Actor, id: Any, withdraw: bool = False) -> tuple[Proposal, Cube]:
+        """A pending proposal and its cube, if ``actor`` may decide it (the proposer may withdraw)."""
+        proposal = self._get(txn, id)
+        if withdraw and proposal.proposer == actor.name:
+            found = self.core.require(txn, actor, proposal.cube, Role.read)
+        else:
+            found = self.core.require(txn, actor, proposal.cube, Role.admin)
+        if proposal.status != "pending":
+            raise Conflict(f"proposal {proposal.id} was already {proposal.status}", proposal=proposal.id)
+        if clock.now() >= proposal.expires_at:
+            raise Expired(f"proposal {proposal.id} expired; propose it again", proposal=proposal.id)
+        return proposal, found
+
+    # -- reads ----------------------------------------------------------
+
+    def show(self, actor: Actor, id: str) -> catalog.ProposalDetail:
+        core = self.core
+
+        def fn(txn: lmdb.Transaction) -> catalog.ProposalDetail:
+            proposal = self._get(txn, id)
+            found = core.require(txn, actor, proposal.cube, Role.read, shared=True)
+            if proposal.status != "pending":
+                return catalog.ProposalDetail(proposal=proposal, diff=[])
+            target = version_in(found, proposal.to_version)
+            plan = rollback_plan(core, txn, found, target, proposal.memory_ids)
+            proposal.stale = plan_hashes(plan) != proposal.plan
+            return catalog.ProposalDetail(proposal=proposal, diff=plan_diff(plan, found, target))
+
+        return core.read(actor, "rollback_show", None, fn)
+
+    def list(self, actor: Actor, cube: str | None = None, status: str = "pending") -> list[Proposal]:
+        core = self.core
+
+        def fn(txn: lmdb.Transaction) -> list[Proposal]:
+            if cube is not None:
+                core.require(txn, actor, cube, Role.read, shared=True)
+            readable: dict[str, bool] = {}
+            out = []
+            for _, raw in txn.cursor(db=self.db):
+                proposal = self._load(raw)
+                if cube is not None and proposal.cube != cube:
+                    continue
+                if proposal.cube not in readable:
+                    try:
+                        readable[proposal.cube] = may_read(actor, core.ledger.shared_cube(txn, proposal.cube))
+                    except NotFound:
+                        readable[proposal.cube] = False
+                if not readable[proposal.cube]:
+                    continue
+                shown = "expired" if proposal.expired else proposal.status
+                if status in ("all", shown):
+                    out.append(proposal)
+            out.reverse()
+            return out
+
+        return core.read(actor, "rollback_proposals", cube, fn)
+
+    # -- records --------------------------------------------------------
+
+    def _get(self, txn: lmdb.Transaction, id: Any) -> Proposal:
+        if not isinstance(id, str) or not is_id(id):
+            raise InvalidRequest("a proposal id is a 26-character id", field="id")
+        raw = txn.get(id.encode(), db=self.db)
+        if raw is None:
+            raise NotFound(f"no proposal {id}", proposal=id)
+        return self._load(raw)
+
+    @staticmethod
+    def _load(raw: bytes) -> Proposal:
+        proposal = Proposal.model_validate(codec.unpack(raw))
+        proposal.expired = proposal.status == "pending" and clock.now() >= proposal.expires_at
+        return proposal
+
+    def _put(self, txn: lmdb.Transaction, proposal: Proposal) -> None:
+        record = proposal.model_dump(mode="json", exclude={"expired", "stale"})
+        txn.put(proposal.id.encode(), codec.pack(record), db=self.db)
+
+    @staticmethod
+    def _detail(proposal: Proposal) -> dict[str, Any]:
+        return {"proposal": proposal.id, "proposer": proposal.proposer, "to_version": proposal.to_version,
+                "status": proposal.status}
