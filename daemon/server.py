@@ -21,6 +21,7 @@ Threads and who owns what:
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import stat
@@ -31,17 +32,27 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from pydantic import ValidationError
 
+from memos import clock
 from memos import protocol as p
 from memos.api import LOCAL_ADMIN, Actor
 from memos.config import Settings
-from memos.errors import ConfigError, InternalError, MemosError, Unauthenticated
+from memos.errors import (
+    ConfigError,
+    InternalError,
+    InvalidRequest,
+    MemosError,
+    Unauthenticated,
+    UnknownOperation,
+)
 from memos.models import plain
-from memos.operations import Route
+from memos.operations import Route, bind
 from memos.writes import Write
 
+from .scheduler import Scheduler
 from .types import MemoryTypes
-from .writer import Job, Writer
+from .writer import Job, Writer, wait_for
 
 log = logging.getLogger("memosd")
 
@@ -127,9 +138,14 @@ class Server:
             if stale.exists():  # we hold the lock, so whoever made it is gone
                 log.info("removing stale socket %s", stale)
                 stale.unlink()
+        if self.cfg.clock_file is not None:
+            clock.use_file(self.cfg.clock_file)
         self.types = MemoryTypes(self.settings, data_dir)
         self.memos = self.types.memos
         self.routes: dict[str, Route] = self.memos.routes()
+        self.scheduler = Scheduler(self.memos, self.cfg.policies, self.perform,
+                                   functools.partial(wait_for, self._commit), self.routes)
+        self.routes.update(bind([self.scheduler]))
         self.zmq = zmq.Context()
         self._pull = self.zmq.socket(zmq.PULL)
         self._pull.bind(_OUT)
@@ -157,6 +173,7 @@ class Server:
                              on_commit=self.types.after_commit, deliver=self._deliver)
         self.writer.start()
         self.types.start(commit=self.writer.submit, fail=self._fail_job)
+        self.scheduler.start()
         log.info("memosd listening", extra={"socket": str(self.socket_path), "data_dir": str(data_dir),
                                             "pid": os.getpid()})
 
@@ -179,6 +196,7 @@ class Server:
     def _drain(self) -> None:
         """Finish what was accepted: answer in-flight requests, then close everything."""
         log.info("stopping: %d requests in flight", self._in_flight)
+        self.scheduler.stop()
         self.pool.shutdown(wait=True)
         self.types.stop()  # writes being prepared reach the writer first
         self.writer.stop()
@@ -312,11 +330,7 @@ class Server:
                 write = route(actor, args, envelope.id)
                 hand_off()
                 reply = self._forgetting_tokens(queued) if envelope.op == "agent_remove" else queued
-                job = Job(actor, envelope.id, write, reply)
-                if self.types.prepares(envelope.op):
-                    self.types.prepare(envelope.op, args, job)
-                else:
-                    self.writer.submit(job)
+                self._commit(Job(actor, envelope.id, write, reply), envelope.op, args)
             elif inline and where != "inline":
                 hand_off()
                 self.pool.submit(self._read, envelope, route, actor, args, queued)
@@ -329,6 +343,28 @@ class Server:
             log.exception("request failed")
             hand_off()
             self._fail(actor, op, p.request_id_of(message), InternalError(f"{type(exc).__name__}"), queued)
+
+    def _commit(self, job: Job, op: str | None = None, args: Any = None) -> None:
+        """A write on its way: through the prepare stages of the types that prepare ``op``, then the writer."""
+        if op is not None and self.types.prepares(op):
+            self.types.prepare(op, args, job)
+        else:
+            self.writer.submit(job)
+
+    def perform(self, actor: Actor, op: str, args: dict[str, Any]) -> Any:
+        """A request made by the daemon itself (a policy): parsed, routed, checked, prepared, committed
+        and audited as a client's would be. Writes wait for their commit. The result as plain data."""
+        route = self.routes.get(op)
+        if route is None:
+            raise UnknownOperation(f"unknown operation {op!r}", op=op)
+        try:
+            parsed = route.op.args.model_validate(args)
+        except ValidationError as exc:
+            raise InvalidRequest(f"{op}: {exc.errors(include_url=False)[0]['msg']}", op=op) from None
+        if route.op.writes:
+            write = route(actor, parsed)
+            return wait_for(lambda job: self._commit(job, op, parsed), write)
+        return plain(route(actor, parsed))
 
     def _fail_job(self, job: Job, exc: MemosError) -> None:
         """A write refused before the writer (by a memory type's prepare)."""

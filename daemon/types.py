@@ -7,8 +7,8 @@ the contract of :mod:`memos.memtypes`.
 
 from __future__ import annotations
 
+import functools
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,14 +16,15 @@ from typing import Any
 
 from memos.api import Memos
 from memos.config import Settings, type_settings
-from memos.errors import MemosError, from_wire
+from memos.errors import MemosError
+from memos.governance import Governance
 from memos.memtypes import MemoryType, load_types
 from memos.services import TypeServices
 from memos.storage import StoreOptions
 from memos.writes import Write
 
 from .prepare import PrepareStages, Stage
-from .writer import Job
+from .writer import Job, wait_for
 
 log = logging.getLogger("memosd.types")
 
@@ -35,7 +36,8 @@ class MemoryTypes:
         classes = load_types()
         self.types: dict[str, MemoryType] = {name: cls() for name, cls in classes.items()}
         self.memos = Memos(data_dir, options=StoreOptions(map_size=settings.store.map_size),
-                           limits=settings.limits, types=self.types)
+                           limits=settings.limits, types=self.types,
+                           governance=Governance.load(settings.daemon.governance))
         # One thread for all model work: two models computing at once on a small
         # machine would only slow each other (and the requests) down.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="memosd-model")
@@ -62,24 +64,7 @@ class MemoryTypes:
     @staticmethod
     def _through(commit: Callable[[Job], None]) -> Callable[[Write], Any]:
         """How a type's thread makes a write durable: through the writer, waiting for its reply."""
-
-        def submit(write: Write) -> Any:
-            done = threading.Event()
-            replies: list[dict[str, Any]] = []
-
-            def reply(message: dict[str, Any]) -> None:
-                replies.append(message)
-                done.set()
-
-            commit(Job(write.actor, "", write, reply, idempotent=False))
-            done.wait()
-            message = replies[0]
-            if message.get("ok"):
-                return message.get("result")
-            error = message.get("error") or {}
-            raise from_wire(str(error.get("code", "internal")), str(error.get("message", "")), error.get("details"))
-
-        return submit
+        return functools.partial(wait_for, commit)
 
     def prepares(self, op: str) -> bool:
         return self.stages is not None and self.stages.wants(op)

@@ -30,7 +30,7 @@ import lmdb
 
 from memos import codec
 from memos.api import Actor, Memos
-from memos.errors import InternalError, MemosError
+from memos.errors import InternalError, MemosError, from_wire
 from memos.models import plain
 from memos.protocol import error_reply, ok_reply
 from memos.storage import request_time_key
@@ -55,6 +55,25 @@ class Job:
     @property
     def key(self) -> bytes:
         return f"{self.actor.name}\0{self.request_id}".encode()
+
+
+def wait_for(send: Callable[[Job], None], write: Write) -> Any:
+    """Make ``write`` durable through ``send`` (the writer, or a prepare stage before it) and wait:
+    its result as plain data, or its error raised. For the daemon's own threads (jobs, policies)."""
+    done = threading.Event()
+    replies: list[dict[str, Any]] = []
+
+    def reply(message: dict[str, Any]) -> None:
+        replies.append(message)
+        done.set()
+
+    send(Job(write.actor, "", write, reply, idempotent=False))
+    done.wait()
+    message = replies[0]
+    if message.get("ok"):
+        return message.get("result")
+    error = message.get("error") or {}
+    raise from_wire(str(error.get("code", "internal")), str(error.get("message", "")), error.get("details"))
 
 
 _STOP = object()

@@ -297,7 +297,66 @@ AGENTS_OPERATIONS = (
 )
 
 
+class PolicyNameArgs(Args):
+    name: str = Field(max_length=64)
+
+
+class PolicyRunArgs(PolicyNameArgs):
+    dry_run: bool = False
+
+
+class PolicyHistoryArgs(Args):
+    policy: str | None = Field(None, max_length=64)
+    limit: int = Field(20, ge=1, le=1000)
+
+
+class ActionOutcome(BaseModel):
+    """One action of a policy run: the request, why, and what came of it."""
+
+    op: str
+    args: dict[str, Any]
+    reason: str
+    outcome: Literal["planned", "ok", "error"]  # planned: a dry run's
+    result: dict[str, Any] = Field(default_factory=dict)  # version and memories, or the job started
+    error: dict[str, Any] | None = None  # code and message
+
+
+class PolicyRun(BaseModel):
+    """One run of a policy: what it looked at, what it did and why."""
+
+    id: str
+    policy: str
+    trigger: Literal["schedule", "manual"]
+    requested_by: str  # "scheduler", or the agent that asked
+    dry_run: bool
+    started: float
+    finished: float
+    looked_at: dict[str, Any] = Field(default_factory=dict)
+    actions: list[ActionOutcome] = Field(default_factory=list)
+    error: str | None = None  # the policy itself failed
+
+
+class PolicyInfo(BaseModel):
+    name: str
+    description: str
+    schedule: str  # "every 3600 s", "cron 0 3 * * * (UTC)", "on demand" or "disabled"
+    next_run: float | None
+    running: bool
+    last_run: PolicyRun | None
+    settings: dict[str, Any]
+
+
+POLICY_OPERATIONS = (
+    Operation("policy_list", NoArgs, list[PolicyInfo], "worker",
+              "The scheduler's policies: schedule, next and last run, settings (local admin).", "list_policies"),
+    Operation("policy_run", PolicyRunArgs, PolicyRun, "worker",
+              "Run a policy now, or plan a dry run that changes nothing (local admin).", "run_now", ("name",)),
+    Operation("policy_history", PolicyHistoryArgs, list[PolicyRun], "worker",
+              "Recorded policy runs, newest first (local admin).", "history", ("policy",)),
+)
+
+
 def core_operations() -> tuple[Operation, ...]:
     """The core's operations, in the order the documentation lists them."""
     return (SESSION_OPERATIONS + AGENTS_OPERATIONS + CUBES_OPERATIONS + MEMORIES_OPERATIONS
-            + VERSIONS_OPERATIONS + PROPOSAL_OPERATIONS + JOB_OPERATIONS + AUDIT_OPERATIONS)
+            + VERSIONS_OPERATIONS + PROPOSAL_OPERATIONS + JOB_OPERATIONS + AUDIT_OPERATIONS + POLICY_OPERATIONS)

@@ -14,113 +14,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .cli_format import human
 from .client import Client
 from .errors import MemosError
 from .models import plain
 
 EXIT_ERROR = 1
 EXIT_VERIFY_FAILED = 3
-
-
-def _short(text: str | None, width: int = 70) -> str:
-    text = (text or "").replace("\n", " ")
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _memory_line(m: dict[str, Any]) -> str:
-    tags = f" [{', '.join(m['tags'])}]" if m.get("tags") else ""
-    status = "" if m.get("status") == "active" else f" ({m['status']})"
-    body = m.get("text") if m.get("text") is not None else f"<{m['type']} blob {m['blob']['size']} bytes>"
-    return f"{m['id']}  v{m['version']}{status}  {_short(body)}{tags}"
-
-
-def _human(command: str, value: Any) -> str:
-    if command in ("add", "get", "update", "delete"):
-        return _memory_line(value)
-    if command in ("list", "ingest"):
-        return "\n".join(_memory_line(m) for m in value) or "(no memories)"
-    if command == "search":
-        return "\n".join(f"{h['score']:7.3f}  {_memory_line(h['memory'])}" for h in value) or "(no results)"
-    if command == "cancel":
-        return f"job {value['id']}: {value['state']}" + (" (stopping)" if value["state"] == "running" else "")
-    if command == "jobs":
-        return "\n".join(
-            f"{j['id']}  {j['kind']:<12} {j.get('cube') or '-':<16} {j['state']:<8} {j['done']}/{j['total']}"
-            for j in value
-        ) or "(no jobs)"
-    if command == "model list":
-        return "\n".join(
-            f"{m['name']:<16}{'*' if m['default'] else ' '} {m['source']:<7} {m['spec']['dtype']:<9} "
-            f"{'loaded' if m['loaded'] else 'ready' if m['prepared'] else 'missing':<8} "
-            f"{m['identity'] or m['error'] or ''}" for m in value
-        ) or "(no models)"
-    if command == "model add":
-        return f"model {value['name']}: {value['spec']['path']} ({value['spec']['dtype']})"
-    if command in ("activate", "model prepare"):
-        return _job_line(value)
-    if command == "activations":
-        return "\n".join(
-            f"{a['memory_id']}  v{a['version']:<5} {a['model_name']:<12} {a['tokens']:>6} tokens {a['dtype']:<9} "
-            f"{a['size']:>10} bytes  {len(a['sources'])} memories{'  STALE' if a['stale'] else ''}"
-            for a in value
-        ) or "(no activation memories)"
-    if command == "adapters":
-        return "\n".join(
-            f"{a['memory_id']}  v{a['version']:<5} {a['model_name']:<12} rank {a['rank']:<3} "
-            f"{'+'.join(a['target_modules']):<16} {a['size']:>10} bytes  {len(a['facts'])} facts"
-            f"{'  fused' if a['fused'] else ''}{'  STALE' if a['stale'] else ''}"
-            for a in value
-        ) or "(no parameter memories)"
-    if command in ("distill", "fuse"):
-        line = _job_line(value)
-        report = value.get("report")
-        if report:
-            line += "\n" + "\n".join(f"  {k}: {v}" for k, v in report.items() if k != "recipe")
-        return line
-    if command == "generate":
-        return _generation_summary(value)
-    if command == "history":
-        return "\n".join(
-            f"v{c['version']:<6} {c['op']:<12} {c['actor']:<16} {len(c['changes'])} change(s)" for c in value
-        )
-    if command == "diff":
-        return "\n".join(
-            f"{d['change']:<9} {d['memory_id']}  {_short((d.get('after') or d.get('before') or {}).get('text'), 60)}"
-            for d in value
-        ) or "(no differences)"
-    if command in ("cube list",):
-        return "\n".join(f"{c['name']:<24} v{c['version']:<6} owner={c['owner']}" for c in value) or "(no cubes)"
-    if command in ("cube create", "cube grant", "cube get"):
-        roles = ", ".join(f"{a}={r}" for a, r in value["acl"].items())
-        return f"{value['name']}  v{value['version']}  owner={value['owner']}  acl: {roles}"
-    if command == "rollback":
-        return f"rolled back to v{value['info']['to_version']} as v{value['version']}: {len(value['changes'])} change(s)"
-    if command == "agent add":
-        return f"agent {value['name']} token (shown once):\n{value['token']}"
-    if command == "audit verify":
-        if value["ok"]:
-            return f"audit chain ok: {value['records']} records, head {value['head']['seq']}:{value['head']['head']}"
-        return f"AUDIT CHAIN BROKEN at record {value['first_bad']}: {value['reason']}"
-    if command == "audit tail":
-        return "\n".join(
-            f"{r['seq']:>7} {r['outcome']:<6} {r['actor']:<16} {r['op']:<12} {r.get('cube') or '-':<16} "
-            f"{json.dumps(r['detail'])[:60]}" for r in value
-        )
-    return json.dumps(value, indent=2, default=str)
-
-
-def _job_line(j: dict[str, Any]) -> str:
-    detail = "  ".join(f"{k}={v}" for k, v in j.get("detail", {}).items())
-    error = f"  error: {j['error']}" if j.get("error") else ""
-    return f"job {j['id']}  {j['kind']}  {j['state']}  {j['done']}/{j['total']}  {detail}{error}".rstrip()
-
-
-def _generation_summary(g: dict[str, Any]) -> str:
-    used = ", ".join(f"{m['memory_id']}@v{m['version']} ({m['how']})" for m in g["memories"]) or "none"
-    t = g["timings"]
-    return (f"-- model {g['model_name']}; activation {g['activation'] or 'none'}; memories: {used}; "
-            f"ttft {t['ttft_s'] * 1000:.0f} ms; {t['cached_tokens']} prompt tokens from the cache, "
-            f"{t['prefill_tokens']} prefilled; {t['tokens']} new tokens ({g['stopped']})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,10 +93,38 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("v1", type=int)
     diff.add_argument("v2", type=int)
 
-    rollback = command("rollback", "restore a cube (or memories) to a version")
-    rollback.add_argument("cube")
-    rollback.add_argument("--to", type=int, required=True, metavar="VERSION", dest="to_version")
-    rollback.add_argument("--memory", action="append", dest="memory_ids", help="only this memory (repeatable)")
+    rollback = commands.add_parser("rollback", help="restore a cube (or memories) to a version, directly or "
+                                   "by a proposal (`rollback CUBE --to V` is `rollback apply`)")
+    rollbacks = rollback.add_subparsers(dest="sub", required=True)
+    for sub, help in (("apply", "roll back now (as governance allows)"),
+                      ("propose", "propose a rollback for another admin to approve")):
+        target = command(sub, help, rollbacks)
+        target.add_argument("cube")
+        target.add_argument("--to", type=int, metavar="VERSION", dest="to_version")
+        target.add_argument("--ids", "--memory", nargs="+", action="extend", dest="memory_ids", metavar="ID",
+                            help="only these memories")
+        target.add_argument("--undo", type=int, metavar="VERSION",
+                            help="undo one commit: its memories back to the version before it")
+    rollback_propose = rollbacks.choices["propose"]
+    rollback_propose.add_argument("--reason", default="")
+    command("show", "a proposal and the diff approving it would make", rollbacks).add_argument("id")
+    command("approve", "apply a proposal (admin of the cube, not its proposer)", rollbacks).add_argument("id")
+    reject = command("reject", "reject a proposal (or withdraw your own)", rollbacks)
+    reject.add_argument("id")
+    reject.add_argument("--reason", default="")
+    proposals = command("proposals", "rollback proposals", rollbacks)
+    proposals.add_argument("cube", nargs="?")
+    proposals.add_argument("--status", choices=["pending", "applied", "rejected", "expired", "all"], default="pending")
+
+    policy = commands.add_parser("policy", help="the scheduler's policies (local admin)")
+    policies = policy.add_subparsers(dest="sub", required=True)
+    command("list", "policies: schedule, next and last run", policies)
+    run = command("run", "run a policy now", policies)
+    run.add_argument("name")
+    run.add_argument("--dry-run", action="store_true", dest="dry_run", help="show what it would do; change nothing")
+    policy_history = command("history", "recorded runs, newest first", policies)
+    policy_history.add_argument("name", nargs="?")
+    policy_history.add_argument("--limit", type=int, default=20)
 
     search = command("search", "find memories by meaning and words")
     search.add_argument("cube")
@@ -360,6 +288,34 @@ def _reported(client: Client, a: argparse.Namespace, job: dict[str, Any]) -> dic
     return job
 
 
+def _target(client: Client, a: argparse.Namespace) -> tuple[int, list[str] | None]:
+    """A rollback's version and memories: ``--to`` (and ``--ids``), or ``--undo`` of one commit."""
+    if (a.to_version is None) == (a.undo is None):
+        raise SystemExit("memosctl: rollback needs --to VERSION or --undo VERSION")
+    if a.to_version is not None:
+        return a.to_version, a.memory_ids
+    found = client.history(a.cube, before=a.undo + 1, limit=1)
+    if not found or found[0].version != a.undo:
+        raise SystemExit(f"memosctl: cube {a.cube} has no commit v{a.undo}")
+    return a.undo - 1, a.memory_ids or [c.memory_id for c in found[0].changes]
+
+
+_ROLLBACK_SUBCOMMANDS = {"apply", "propose", "show", "approve", "reject", "proposals", "-h", "--help"}
+_VALUED = {"--socket", "--token", "--timeout"}
+
+
+def _with_default_rollback(argv: Sequence[str]) -> list[str]:
+    """``rollback CUBE --to V`` (the form before proposals existed) as ``rollback apply CUBE --to V``."""
+    argv = list(argv)
+    for i, word in enumerate(argv):
+        if word.startswith("-") or (i and argv[i - 1] in _VALUED):
+            continue
+        if word == "rollback" and i + 1 < len(argv) and argv[i + 1] not in _ROLLBACK_SUBCOMMANDS:
+            argv.insert(i + 1, "apply")
+        break
+    return argv
+
+
 def _run(client: Client, a: argparse.Namespace) -> tuple[str, Any]:
     name = a.command + (f" {a.sub}" if getattr(a, "sub", None) else "")
     calls: dict[str, Callable[[], Any]] = {
@@ -379,7 +335,15 @@ def _run(client: Client, a: argparse.Namespace) -> tuple[str, Any]:
         "list": lambda: client.list(a.cube, limit=a.limit, at=a.at, tag=a.tag, status=a.status),
         "history": lambda: client.history(a.cube, memory_id=a.memory, limit=a.limit),
         "diff": lambda: client.diff(a.cube, a.v1, a.v2),
-        "rollback": lambda: client.rollback(a.cube, a.to_version, a.memory_ids),
+        "rollback apply": lambda: client.rollback(a.cube, *_target(client, a)),
+        "rollback propose": lambda: client.rollback_propose(a.cube, *_target(client, a), reason=a.reason),
+        "rollback show": lambda: client.rollback_show(a.id),
+        "rollback approve": lambda: client.rollback_approve(a.id),
+        "rollback reject": lambda: client.rollback_reject(a.id, a.reason),
+        "rollback proposals": lambda: client.rollback_proposals(a.cube, status=a.status),
+        "policy list": client.policy_list,
+        "policy run": lambda: client.policy_run(a.name, dry_run=a.dry_run),
+        "policy history": lambda: client.policy_history(a.name, limit=a.limit),
         "search": lambda: client.search(a.cube, a.query, k=a.k, at=a.at, tags=a.tags, status=a.status),
         "jobs": client.jobs,
         "cancel": lambda: client.job_cancel(a.id),
@@ -411,7 +375,7 @@ def _run(client: Client, a: argparse.Namespace) -> tuple[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_with_default_rollback(sys.argv[1:] if argv is None else argv))
     options: dict[str, Any] = {}
     if getattr(args, "token", None):
         options["token"] = args.token
@@ -433,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     if name == "generate" and not getattr(args, "json", False):
         print()  # the text was streamed; the summary follows on a line of its own
-    print(json.dumps(result, indent=2, default=str) if getattr(args, "json", False) else _human(name, result))
+    print(json.dumps(result, indent=2, default=str) if getattr(args, "json", False) else human(name, result))
     if name == "audit verify" and args.strict and not result["ok"]:
         return EXIT_VERIFY_FAILED
     if getattr(args, "wait", False) and result.get("state") != "done":

@@ -45,6 +45,10 @@ class DaemonSettings(BaseModel):
     allow_uids: list[int] = Field(default_factory=list, description="Other local users allowed to connect (with a token).")
     request_retention_s: float = Field(86_400, ge=0, le=10 * 365 * 86_400, description="How long replies are kept for idempotent retries.")
     log_level: str = Field("INFO", description="Logging level.")
+    policies: Path | None = Field(None, description="Policies' schedules and thresholds; default: etc/policies.toml.")
+    governance: Path | None = Field(None, description="Rules of rollback; default: etc/governance.toml.")
+    clock_file: Path | None = Field(None, description="For tests and demonstrations only: read the daemon's "
+                                    "wall clock from this file (seconds since the epoch). See memos.clock.")
 
     def socket_path(self) -> Path:
         return self.socket or self.runtime_dir / "memosd.sock"

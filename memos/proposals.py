@@ -22,7 +22,7 @@ from .core import Core
 from .errors import Conflict, Denied, Expired, InvalidRequest, NotFound
 from .ids import is_id, new_id
 from .memories import _once, version_in
-from .models import Commit, Cube, Proposal, Role
+from .models import Cube, Proposal, Role
 from .versions import apply_plan, plan_diff, plan_hashes, rollback_plan
 from .writes import Applied, Write
 

@@ -1,0 +1,256 @@
+"""The policy scheduler: APScheduler runs each policy on its schedule; runs are recorded and audited.
+
+Policies (``memos.policies``, plugins found by entry point) only propose: a
+run gives one a read-only :class:`~memos.policies.spec.Context` and gets a
+plan back. The scheduler makes each proposed request through the daemon's
+own request path (``perform``: parsed, routed, access-checked, prepared,
+group-committed and audited exactly like a client's), as the agent
+``policy:<name>``. Each run is recorded (``policy_runs``) with what it looked
+at, did and why, in one audited commit; where a policy stands
+(``policy_state``) is kept with it, so after a restart an interval schedule
+resumes from the last run rather than from the start.
+
+A policy never overlaps itself: the scheduled job has one instance at most,
+and a per-policy lock also covers runs asked for by ``policy_run``. A policy
+that raises fails its own run only.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+from memos import catalog, clock, codec
+from memos.access import Actor
+from memos.api import Memos
+from memos.catalog import ActionOutcome, PolicyInfo, PolicyRun
+from memos.errors import ConfigError, Conflict, InvalidRequest, MemosError, NotFound
+from memos.ids import new_id
+from memos.models import Memory
+from memos.policies import config as policy_config
+from memos.policies.registry import load_policies
+from memos.policies.spec import Context, Plan, Policy
+from memos.writes import Applied, Write
+
+log = logging.getLogger("memosd.scheduler")
+
+Perform = Callable[[Actor, str, dict[str, Any]], Any]  # the daemon's request path, for its own requests
+Submit = Callable[[Write], Any]  # a write made durable through the writer, waited for
+
+
+def policy_actor(name: str) -> Actor:
+    """The agent a policy acts as: admin of every cube, like the local administrator, but named."""
+    return Actor(f"policy:{name}", admin=True, policy=name)
+
+
+class _Context(Context):
+    def __init__(self, memos: Memos, perform: Perform, actor: Actor, dry_run: bool) -> None:
+        self.memos, self.perform, self.actor = memos, perform, actor
+        self.now = clock.now()
+        self.dry_run = dry_run
+
+    def cubes(self) -> list[str]:
+        return [c.name for c in self.memos.cubes.list_cubes(self.actor)]
+
+    def memories(self, cube: str, type: str | None = None) -> list[Memory]:
+        return [m for m in self.memos.memories.list(self.actor, cube, usage=True) if type is None or m.type == type]
+
+    def call(self, op: str, **args: Any) -> Any:
+        return self.perform(self.actor, op, args)
+
+
+class Scheduler:
+    operations = catalog.POLICY_OPERATIONS
+
+    def __init__(self, memos: Memos, policies_file: Any, perform: Perform, submit: Submit,
+                 routes: dict[str, Any]) -> None:
+        self.memos = memos
+        self.perform = perform
+        self.submit = submit
+        self.routes = routes
+        classes = load_policies()
+        configured, unknown = policy_config.load(policies_file, classes)
+        for name in unknown:
+            log.warning("policies file names no installed policy %r", name)
+        self.schedules = {name: schedule for name, (schedule, _) in configured.items()}
+        self.policies: dict[str, Policy] = {name: classes[name](settings) for name, (_, settings) in configured.items()}
+        self.locks = {name: threading.Lock() for name in self.policies}
+        self._stopping = threading.Event()
+        self._aps = BackgroundScheduler(
+            timezone=UTC, executors={"default": ThreadPoolExecutor(2)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+        )
+        for name, schedule in self.schedules.items():
+            if schedule.enabled and (schedule.every_s is not None or schedule.cron is not None):
+                self._aps.add_job(self._scheduled, self._trigger(name), args=[name], id=name, name=name,
+                                  next_run_time=self._resume_at(name))
+
+    def _trigger(self, name: str) -> Any:
+        schedule = self.schedules[name]
+        if schedule.every_s is not None:
+            return IntervalTrigger(seconds=schedule.every_s, timezone=UTC)
+        try:
+            return CronTrigger.from_crontab(schedule.cron, timezone=UTC)
+        except ValueError as exc:
+            raise ConfigError(f"policy {name!r}: invalid cron {schedule.cron!r}: {exc}") from None
+
+    def _resume_at(self, name: str) -> datetime | None:
+        """An interval schedule continues from the last run (a run overdue at start runs at once)."""
+        every = self.schedules[name].every_s
+        if every is None:
+            return None  # cron: its own next time
+        state = self._state(name)
+        last = state["wall"] if state else time.time()
+        return datetime.fromtimestamp(max(last + every, time.time()), UTC)
+
+    # -- lifecycle ------------------------------------------------------
+
+    def start(self) -> None:
+        self._aps.start()
+        log.info("scheduler started", extra={"policies": {n: s.describe() for n, s in self.schedules.items()}})
+
+    def stop(self) -> None:
+        """Let runs under way finish their current action, then stop."""
+        self._stopping.set()
+        if self._aps.running:
+            self._aps.shutdown(wait=True)
+
+    # -- operations -----------------------------------------------------
+
+    def list_policies(self, actor: Actor) -> list[PolicyInfo]:
+        self.memos.core.admin_only(actor, "policy_list")
+        out = []
+        for name, policy in self.policies.items():
+            job = self._aps.get_job(name)
+            next_run = job.next_run_time if job is not None else None
+            last = self.history(actor, name, 1)
+            out.append(PolicyInfo(
+                name=name, description=policy.description, schedule=self.schedules[name].describe(),
+                next_run=next_run.timestamp() if next_run is not None else None,
+                running=self.locks[name].locked(), last_run=last[0] if last else None,
+                settings=policy.settings.model_dump(mode="json"),
+            ))
+        return out
+
+    def run_now(self, actor: Actor, name: str, dry_run: bool = False) -> PolicyRun:
+        self.memos.core.admin_only(actor, "policy_run")
+        if name not in self.policies:
+            raise self.memos.core.refused(actor, "policy_run", None, NotFound(
+                f"no policy {name!r}; installed: {', '.join(self.policies) or 'none'}", policy=name))
+        run = self._run(name, "manual", actor.name, dry_run)
+        if run is None:
+            raise Conflict(f"policy {name!r} is running; try again when it ends", policy=name)
+        return run
+
+    def history(self, actor: Actor, policy: str | None = None, limit: int = 20) -> list[PolicyRun]:
+        self.memos.core.admin_only(actor, "policy_history")
+        out = []
+        with self.memos.store.read() as txn:
+            cursor = txn.cursor(db=self.memos.store.db["policy_runs"])
+            if cursor.last():
+                for _, raw in cursor.iterprev():
+                    run = PolicyRun.model_validate(codec.unpack(raw))
+                    if policy is None or run.policy == policy:
+                        out.append(run)
+                        if len(out) >= limit:
+                            break
+        return out
+
+    # -- runs -----------------------------------------------------------
+
+    def _scheduled(self, name: str) -> None:
+        if self._run(name, "schedule", "scheduler", False) is None:
+            log.info("policy still running: this run skipped", extra={"policy": name})
+
+    def _run(self, name: str, trigger: str, requested_by: str, dry_run: bool) -> PolicyRun | None:
+        """One run, holding the policy's lock; None if a run of it is under way."""
+        lock = self.locks[name]
+        if not lock.acquire(blocking=False):
+            return None
+        try:
+            actor = policy_actor(name)
+            ctx = _Context(self.memos, self.perform, actor, dry_run)
+            run = PolicyRun(id=new_id(), policy=name, trigger=trigger, requested_by=requested_by,
+                            dry_run=dry_run, started=ctx.now, finished=ctx.now)
+            try:
+                plan = self.policies[name].propose(ctx)
+                if not isinstance(plan, Plan):
+                    raise TypeError(f"propose returned {type(plan).__name__}, not a Plan")
+            except Exception as exc:  # a policy's bug fails its own run, nothing else
+                log.exception("policy failed", extra={"policy": name})
+                run.error = f"{type(exc).__name__}: {exc}"[:2000]
+                plan = Plan()
+            run.looked_at = plan.looked_at
+            for action in plan.actions:
+                if self._stopping.is_set():
+                    run.error = "stopped: the daemon is shutting down"
+                    break
+                outcome = ActionOutcome(op=action.op, args=action.args, reason=action.reason, outcome="planned")
+                if not dry_run:
+                    self._apply(actor, outcome)
+                run.actions.append(outcome)
+            run.finished = clock.now()
+            if not dry_run:
+                self._record(actor, run)
+            log.info("policy ran", extra={"policy": name, "trigger": trigger, "dry_run": dry_run,
+                                          "actions": len(run.actions), "error": run.error})
+            return run
+        finally:
+            lock.release()
+
+    def _apply(self, actor: Actor, outcome: ActionOutcome) -> None:
+        route = self.routes.get(outcome.op)
+        try:
+            if route is None or route.op.where not in ("writer", "job") or "cube" not in route.op.args.model_fields:
+                raise InvalidRequest(f"a policy may only write to or start jobs on a cube, not {outcome.op!r}")
+            result = self.perform(actor, outcome.op, outcome.args)
+        except MemosError as exc:
+            outcome.outcome, outcome.error = "error", {"code": exc.code, "message": exc.message}
+            return
+        except Exception as exc:  # a bug on the request path: the run goes on
+            log.exception("policy action failed", extra={"op": outcome.op})
+            outcome.outcome, outcome.error = "error", {"code": "internal", "message": type(exc).__name__}
+            return
+        outcome.outcome, outcome.result = "ok", _summary(result)
+
+    def _record(self, actor: Actor, run: PolicyRun) -> None:
+        """Store the run and where its policy stands, in one audited commit."""
+        store = self.memos.store
+
+        def fn(txn: Any) -> Applied:
+            txn.put(run.id.encode(), codec.pack(run.model_dump(mode="json")), db=store.db["policy_runs"])
+            state = {"run": run.id, "time": run.started, "wall": time.time()}
+            txn.put(run.policy.encode(), codec.pack(state), db=store.db["policy_state"])
+            failed = sum(a.outcome == "error" for a in run.actions)
+            return Applied(None, detail={"run": run.id, "trigger": run.trigger, "actions": len(run.actions),
+                                         "failed": failed, **({"error": run.error} if run.error else {})})
+
+        try:
+            self.submit(Write(actor, "policy_run", None, fn))
+        except MemosError:
+            log.exception("recording a policy run failed", extra={"policy": run.policy, "run": run.id})
+
+    def _state(self, name: str) -> dict[str, Any] | None:
+        with self.memos.store.read() as txn:
+            raw = txn.get(name.encode(), db=self.memos.store.db["policy_state"])
+        return None if raw is None else codec.unpack(raw)
+
+
+def _summary(result: Any) -> dict[str, Any]:
+    """What an action made, for the run's record: the job started, or the memory or commit and its version."""
+    if isinstance(result, dict):
+        if "kind" in result and "state" in result:
+            return {"job": result["id"], "kind": result["kind"]}
+        out = {k: result[k] for k in ("id", "version") if k in result}
+        if isinstance(result.get("changes"), list):
+            out["memories"] = [c["memory_id"] for c in result["changes"]]
+        return out
+    return {}
