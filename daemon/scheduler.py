@@ -185,8 +185,10 @@ class Scheduler:
                 if not isinstance(plan, Plan):
                     raise TypeError(f"propose returned {type(plan).__name__}, not a Plan")
             except Exception as exc:  # a policy's bug fails its own run, nothing else
-                log.exception("policy failed", extra={"policy": name})
                 run.error = f"{type(exc).__name__}: {exc}"[:2000]
+                # The run's record says what failed; the traceback is for the policy's author.
+                log.error("policy failed", extra={"policy": name, "error": run.error})
+                log.debug("policy failed", exc_info=True, extra={"policy": name})
                 plan = Plan()
             run.looked_at = plan.looked_at
             for action in plan.actions:

@@ -8,6 +8,8 @@ most ``max_load``) and no fresh adapter already holds them all.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field
 
 from .spec import Action, Context, Plan, Policy, Settings, hookimpl, reads, running
@@ -20,6 +22,7 @@ class DistillSettings(Settings):
     max_memories: int = Field(64, ge=1, le=10_000)
     max_load: float = Field(0.5, gt=0)  # 1-minute load average per CPU above this: not now
     model: str | None = None  # default: the [activation] default model
+    recipe: dict[str, Any] | None = None  # overrides of [parameter] recipe for these distillations
 
 
 class Distill(Policy):
@@ -54,6 +57,8 @@ class Distill(Policy):
             if held or running(ctx, cube, "distill"):
                 continue
             args = {"cube": cube, "ids": sorted(wanted), "model": models[0]["name"]}
+            if s.recipe:
+                args["recipe"] = s.recipe
             actions.append(Action(op="distill", args=args, reason=(
                 f"{len(stable)} memories read at least {s.min_reads} times and unchanged for "
                 f"{s.stable_s / 3600:g} h, not all in a fresh adapter; load per CPU {load:.2f}")))
