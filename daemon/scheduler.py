@@ -56,12 +56,21 @@ class _Context(Context):
         self.memos, self.perform, self.actor = memos, perform, actor
         self.now = clock.now()
         self.dry_run = dry_run
+        self._commit_times: dict[tuple[str, int], float] = {}  # (cube, version) -> its commit's time
 
     def cubes(self) -> list[str]:
         return [c.name for c in self.memos.cubes.list_cubes(self.actor)]
 
     def memories(self, cube: str, type: str | None = None) -> list[Memory]:
-        return [m for m in self.memos.memories.list(self.actor, cube, usage=True) if type is None or m.type == type]
+        found = [m for m in self.memos.memories.list(self.actor, cube, usage=True) if type is None or m.type == type]
+        with self.memos.store.read() as txn:
+            for version in {m.version for m in found}:
+                if (cube, version) not in self._commit_times:
+                    self._commit_times[cube, version] = self.memos.ledger.commit(txn, cube, version).time
+        return found
+
+    def changed_at(self, memory: Memory) -> float:
+        return self._commit_times.get((memory.cube, memory.version), memory.updated_at)
 
     def call(self, op: str, **args: Any) -> Any:
         return self.perform(self.actor, op, args)

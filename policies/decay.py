@@ -32,7 +32,7 @@ class Decay(Policy):
                 if mem.type not in s.types:
                     continue
                 looked += 1
-                idle = ctx.now - last_used(mem)
+                idle = ctx.now - last_used(ctx, mem)
                 if idle >= s.unused_s and len(actions) < s.max_actions:
                     actions.append(Action(
                         op="update", args={"cube": cube, "id": mem.id, "status": "archived",

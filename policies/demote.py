@@ -30,7 +30,7 @@ class Demote(Policy):
         for cube in ctx.cubes():
             for mem in ctx.memories(cube, type=s.type):
                 looked += 1
-                idle = ctx.now - last_used(mem)
+                idle = ctx.now - last_used(ctx, mem)
                 if idle >= s.unused_s:
                     actions.append(Action(
                         op="delete", args={"cube": cube, "id": mem.id, "expected_version": mem.version},

@@ -45,7 +45,7 @@ class Distill(Policy):
         for cube in ctx.cubes():
             memories = ctx.memories(cube, type="plaintext")
             looked += len(memories)
-            stable = [m for m in memories if reads(m) >= s.min_reads and ctx.now - m.updated_at >= s.stable_s]
+            stable = [m for m in memories if reads(m) >= s.min_reads and ctx.now - ctx.changed_at(m) >= s.stable_s]
             stable.sort(key=lambda m: (-reads(m), m.id))
             stable = stable[: s.max_memories]
             if len(stable) < s.min_memories:

@@ -96,6 +96,11 @@ class Context(ABC):
         """The cube's active memories (of ``type``), with their read counts (``usage``)."""
 
     @abstractmethod
+    def changed_at(self, memory: Memory) -> float:
+        """When the commit that made ``memory``'s current version was made (a rollback that restored it
+        counts: its ``updated_at`` is restored with it). For memories from :meth:`memories`."""
+
+    @abstractmethod
     def call(self, op: str, **args: Any) -> Any:
         """A read operation of the daemon (``activations``, ``adapters``, ``model_list``, ``history``...),
         its result as plain data."""
@@ -120,10 +125,10 @@ class Policy(ABC):
         """Look at the cubes through ``ctx`` and propose actions. May raise: the run is recorded as failed."""
 
 
-def last_used(memory: Memory) -> float:
-    """When a memory was last read, or else last changed: what "unused for a while" measures from."""
+def last_used(ctx: Context, memory: Memory) -> float:
+    """When a memory was last read or changed (or restored): what "unused for a while" measures from."""
     read = memory.usage.last_read if memory.usage is not None else None
-    return max(read or 0.0, memory.updated_at)
+    return max(read or 0.0, ctx.changed_at(memory))
 
 
 def reads(memory: Memory) -> int:
