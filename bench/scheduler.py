@@ -9,14 +9,15 @@ apart (as an agent asks), for ``--seconds`` in each phase:
 * ``idle``: nothing else runs;
 * ``policies``: another client runs ``fuse`` (the first run merges the
   duplicates), ``decay``, ``promote`` and ``distill`` back to back, real runs,
-  the whole time: each scans every memory of every cube;
+  the whole time: each scans every memory of every cube (nothing is hot
+  enough to start a KV cache build or a training);
 * ``distill``: a distillation of 32 TOFU facts trains (its steps running);
 * ``both``: the policy runs and the distillation together.
 
 It prints p50 and p99 per phase and the ratio of p50 to idle's (target: at
 most 2x), and how many policy runs each phase saw and how long they took.
 
-Usage: python bench/scheduler.py [--memories 5000] [--seconds 30]
+Usage: python bench/scheduler.py [--memories 5000] [--seconds 30] [--duty-cycle 0.5]
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
+import multiprocessing
+import queue
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -39,13 +42,16 @@ from memosd import spawn  # noqa: E402
 from memos.client import Client  # noqa: E402
 from memos.plugins.models import MARKER, prepared_dir  # noqa: E402
 
+# Every policy scans every memory each run; promote and distill find nothing hot enough (the
+# timed memory is read thousands of times), so the policy phase measures the runs themselves
+# (the first fuse run merges the duplicates, one commit each), not the KV cache builds and
+# trainings they would start: the distill phase measures a training.
 POLICIES = """
 [promote]
-min_reads = 1
+min_reads = 1000000000
 [demote]
 [distill]
-min_reads = 1
-stable_s = 0
+min_reads = 1000000000
 max_load = 1000.0
 [fuse]
 [decay]
@@ -53,23 +59,36 @@ max_load = 1000.0
 RUN = ("fuse", "decay", "promote", "distill")
 
 
-class PolicyLoop(threading.Thread):
-    """Runs the policies back to back until stopped; keeps each run's duration."""
+def _loop(socket: str, stop: Any, runs: Any) -> None:
+    """Runs the policies back to back until ``stop`` is set (in a process of its own, so that its
+    client's work does not share an interpreter with the client being timed)."""
+    client = Client(socket, timeout=600)
+    while not stop.is_set():
+        for name in RUN:
+            t = time.perf_counter()
+            done = client.policy_run(name)
+            runs.put((name, time.perf_counter() - t, len(done.actions)))
+            if stop.is_set():
+                return
 
+
+class PolicyLoop:
     def __init__(self, socket: str) -> None:
-        super().__init__(daemon=True)
-        self.client = Client(socket, timeout=600)
-        self.stop = threading.Event()
-        self.runs: list[tuple[str, float, int]] = []
+        ctx = multiprocessing.get_context("spawn")
+        self.stop, self.runs = ctx.Event(), ctx.Queue()
+        self.proc = ctx.Process(target=_loop, args=(socket, self.stop, self.runs), daemon=True)
+        self.proc.start()
 
-    def run(self) -> None:
-        while not self.stop.is_set():
-            for name in RUN:
-                t = time.perf_counter()
-                done = self.client.policy_run(name)
-                self.runs.append((name, time.perf_counter() - t, len(done.actions)))
-                if self.stop.is_set():
-                    return
+    def finish(self) -> list[tuple[str, float, int]]:
+        self.stop.set()
+        out = []
+        while self.proc.is_alive() or not self.runs.empty():
+            try:
+                out.append(self.runs.get(timeout=0.5))
+            except queue.Empty:
+                pass
+        self.proc.join()
+        return out
 
 
 def phase(reader: Client, small: str, seconds: float) -> list[float]:
@@ -84,20 +103,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--memories", type=int, default=5000)
     parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--duty-cycle", type=float, default=0.5, dest="duty",
+                        help="[scheduler] duty_cycle: the share of time a policy run computes")
     args = parser.parse_args()
     smol = (prepared_dir() / "smollm2" / MARKER).is_file()
     rows = [json.loads(line) for line in (DATA / "tofu_dev.jsonl").read_text().splitlines() if line.strip()]
     facts = [r for r in rows if r["split"] == "forget10_first300"][:32]
 
     root = Path(tempfile.mkdtemp(prefix="memos-scheduler-bench-"))
-    (root / "policies.toml").write_text(POLICIES)
+    (root / "policies.toml").write_text(f"[scheduler]\nduty_cycle = {args.duty}\n" + POLICIES)
     socket = str(root / "memosd.sock")
     env = {"MEMOS_SEARCH__EMBEDDER": "hashing", "MEMOS_DAEMON__POLICIES": str(root / "policies.toml")}
     if not smol:
         env["MEMOS_ACTIVATION__MODELS"] = "{}"
     proc = spawn(root / "data", socket, env=env)
     print(f"# bench/scheduler.py  {time.strftime('%Y-%m-%d %H:%M')}  {args.memories} memories, "
-          f"{args.seconds:.0f} s a phase, distillation: {'SmolLM2-135M' if smol else 'none (no model)'}")
+          f"{args.seconds:.0f} s a phase, duty cycle {args.duty:g}, "
+          f"distillation: {'SmolLM2-135M' if smol else 'none (no model)'}")
     try:
         admin, reader = Client(socket, timeout=600), Client(socket, timeout=60)
         admin.cube_create("get")
@@ -116,20 +138,14 @@ def main() -> None:
         results: dict[str, tuple[list[float], list]] = {}
         results["idle"] = (phase(reader, small, args.seconds), [])
         loop = PolicyLoop(socket)
-        loop.start()
-        results["policies"] = (phase(reader, small, args.seconds), list(loop.runs))
-        loop.stop.set()
-        loop.join()
+        results["policies"] = (phase(reader, small, args.seconds), loop.finish())
         if smol:
             job = admin.distill("facts", recipe={"steps": 100_000, "stop_loss": 0.0})
             while next(j for j in admin.jobs() if j["id"] == job["id"])["detail"].get("step", 0) < 1:
                 time.sleep(0.2)
             results["distill"] = (phase(reader, small, args.seconds), [])
             loop = PolicyLoop(socket)
-            loop.start()
-            results["both"] = (phase(reader, small, args.seconds), list(loop.runs))
-            loop.stop.set()
-            loop.join()
+            results["both"] = (phase(reader, small, args.seconds), loop.finish())
             admin.job_cancel(job["id"])
         idle = statistics.median(results["idle"][0])
         print(f"{'phase':<9} {'gets':>6} {'p50 us':>8} {'p99 us':>8} {'p50/idle':>9}  policy runs (median s)")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,6 +34,7 @@ from memos.api import Memos
 from memos.catalog import ActionOutcome, PolicyInfo, PolicyRun
 from memos.errors import ConfigError, Conflict, InvalidRequest, MemosError, NotFound
 from memos.ids import new_id
+from memos.ledger import commit_key
 from memos.models import Memory
 from memos.policies import config as policy_config
 from memos.policies.registry import load_policies
@@ -51,29 +52,54 @@ def policy_actor(name: str) -> Actor:
     return Actor(f"policy:{name}", admin=True, policy=name)
 
 
+_PAGE = 256  # memories read per snapshot while a policy scans a cube
+
+
 class _Context(Context):
-    def __init__(self, memos: Memos, perform: Perform, actor: Actor, dry_run: bool) -> None:
+    """A policy's view, read as its agent, paced: after each page of work it sleeps so that its
+    thread computes at most ``duty`` of the time. Requests share the interpreter with it, so an
+    unpaced scan would make every request wait for its turn."""
+
+    def __init__(self, memos: Memos, perform: Perform, actor: Actor, dry_run: bool, duty: float) -> None:
         self.memos, self.perform, self.actor = memos, perform, actor
         self.now = clock.now()
         self.dry_run = dry_run
+        self.duty = duty
         self._commit_times: dict[tuple[str, int], float] = {}  # (cube, version) -> its commit's time
+
+    def _pace(self, cpu_start: float) -> None:
+        if self.duty < 1.0:
+            time.sleep((time.thread_time() - cpu_start) * (1.0 / self.duty - 1.0))
 
     def cubes(self) -> list[str]:
         return [c.name for c in self.memos.cubes.list_cubes(self.actor)]
 
-    def memories(self, cube: str, type: str | None = None) -> list[Memory]:
-        found = [m for m in self.memos.memories.list(self.actor, cube, usage=True) if type is None or m.type == type]
-        with self.memos.store.read() as txn:
-            for version in {m.version for m in found}:
-                if (cube, version) not in self._commit_times:
-                    self._commit_times[cube, version] = self.memos.ledger.commit(txn, cube, version).time
-        return found
+    def memories(self, cube: str, type: str | None = None) -> Iterator[Memory]:
+        after = None
+        commits = self.memos.store.db["commits"]
+        while True:
+            cpu = time.thread_time()
+            page = self.memos.memories.list(self.actor, cube, usage=True, limit=_PAGE, after=after)
+            with self.memos.store.read() as txn:
+                for m in page:
+                    if (cube, m.version) not in self._commit_times:
+                        raw = txn.get(commit_key(cube, m.version), db=commits)
+                        self._commit_times[cube, m.version] = codec.unpack(raw)["time"] if raw else m.updated_at
+            self._pace(cpu)
+            yield from (m for m in page if type is None or m.type == type)
+            if len(page) < _PAGE:
+                return
+            after = page[-1].id
 
     def changed_at(self, memory: Memory) -> float:
         return self._commit_times.get((memory.cube, memory.version), memory.updated_at)
 
     def call(self, op: str, **args: Any) -> Any:
-        return self.perform(self.actor, op, args)
+        cpu = time.thread_time()
+        try:
+            return self.perform(self.actor, op, args)
+        finally:
+            self._pace(cpu)
 
 
 class Scheduler:
@@ -86,7 +112,7 @@ class Scheduler:
         self.submit = submit
         self.routes = routes
         classes = load_policies()
-        configured, unknown = policy_config.load(policies_file, classes)
+        self.settings, configured, unknown = policy_config.load(policies_file, classes)
         for name in unknown:
             log.warning("policies file names no installed policy %r", name)
         self.schedules = {name: schedule for name, (schedule, _) in configured.items()}
@@ -94,7 +120,7 @@ class Scheduler:
         self.locks = {name: threading.Lock() for name in self.policies}
         self._stopping = threading.Event()
         self._aps = BackgroundScheduler(
-            timezone=UTC, executors={"default": ThreadPoolExecutor(2)},
+            timezone=UTC, executors={"default": ThreadPoolExecutor(self.settings.threads)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
         for name, schedule in self.schedules.items():
@@ -186,7 +212,7 @@ class Scheduler:
             return None
         try:
             actor = policy_actor(name)
-            ctx = _Context(self.memos, self.perform, actor, dry_run)
+            ctx = _Context(self.memos, self.perform, actor, dry_run, self.settings.duty_cycle)
             run = PolicyRun(id=new_id(), policy=name, trigger=trigger, requested_by=requested_by,
                             dry_run=dry_run, started=ctx.now, finished=ctx.now)
             try:

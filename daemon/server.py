@@ -21,6 +21,7 @@ Threads and who owns what:
 from __future__ import annotations
 
 import fcntl
+import gc
 import functools
 import logging
 import os
@@ -174,6 +175,10 @@ class Server:
         self.writer.start()
         self.types.start(commit=self.writer.submit, fail=self._fail_job)
         self.scheduler.start()
+        # Everything loaded so far (the interpreter, torch, the models' modules) lives as long as
+        # the daemon: frozen, full garbage collections no longer walk it, so their pauses, which
+        # stop every thread, stay short while background work allocates.
+        gc.freeze()
         log.info("memosd listening", extra={"socket": str(self.socket_path), "data_dir": str(data_dir),
                                             "pid": os.getpid()})
 

@@ -3,7 +3,8 @@
 Each ``[name]`` section holds the policy's schedule (``enabled``, and
 ``every_s`` or ``cron``) and its thresholds (the policy's ``settings_model``).
 A policy without a section, or without ``every_s`` or ``cron``, runs only
-when asked (``memosctl policy run NAME``).
+when asked (``memosctl policy run NAME``). The ``[scheduler]`` section is the
+scheduler's own.
 """
 
 from __future__ import annotations
@@ -44,7 +45,18 @@ class Schedule(BaseModel):
         return "on demand"
 
 
+class SchedulerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # The share of time a run's thread may compute: after each page of memories it scans (and
+    # each request it reads through), it sleeps for the rest. Requests share the interpreter
+    # with it; 1.0 runs flat out.
+    duty_cycle: float = Field(0.5, gt=0, le=1)
+    threads: int = Field(2, ge=1, le=64)  # runs at once (of different policies)
+
+
 _SCHEDULE_KEYS = set(Schedule.model_fields)
+SCHEDULER = "scheduler"
 
 
 def default_file() -> Path:
@@ -52,8 +64,9 @@ def default_file() -> Path:
 
 
 def load(path: str | os.PathLike[str] | None, policies: dict[str, type[Policy]]
-         ) -> tuple[dict[str, tuple[Schedule, Settings]], list[str]]:
-    """Each installed policy's schedule and settings, and the sections that name no installed policy."""
+         ) -> tuple[SchedulerSettings, dict[str, tuple[Schedule, Settings]], list[str]]:
+    """The scheduler's settings, each installed policy's schedule and settings, and the sections
+    that name no installed policy."""
     file = Path(path) if path is not None else default_file()
     try:
         with file.open("rb") as f:
@@ -62,6 +75,12 @@ def load(path: str | os.PathLike[str] | None, policies: dict[str, type[Policy]]
         raise ConfigError(f"cannot read policies {file}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid policies file {file}: {exc}") from None
+    if SCHEDULER in policies:
+        raise ConfigError(f"a policy may not be named {SCHEDULER!r}")
+    try:
+        scheduler = SchedulerSettings.model_validate(raw.get(SCHEDULER, {}))
+    except ValidationError as exc:
+        raise ConfigError(f"{file}: invalid [{SCHEDULER}]: {exc}") from None
     out = {}
     for name, cls in policies.items():
         section = raw.get(name, {})
@@ -73,4 +92,4 @@ def load(path: str | os.PathLike[str] | None, policies: dict[str, type[Policy]]
         except ValidationError as exc:
             raise ConfigError(f"{file}: invalid [{name}]: {exc}") from None
         out[name] = (schedule, settings)
-    return out, sorted(set(raw) - set(policies))
+    return scheduler, out, sorted(set(raw) - set(policies) - {SCHEDULER})

@@ -43,9 +43,11 @@ class Distill(Policy):
         looked = 0
         actions = []
         for cube in ctx.cubes():
-            memories = ctx.memories(cube, type="plaintext")
-            looked += len(memories)
-            stable = [m for m in memories if reads(m) >= s.min_reads and ctx.now - ctx.changed_at(m) >= s.stable_s]
+            stable = []
+            for m in ctx.memories(cube, type="plaintext"):
+                looked += 1
+                if reads(m) >= s.min_reads and ctx.now - ctx.changed_at(m) >= s.stable_s:
+                    stable.append(m)
             stable.sort(key=lambda m: (-reads(m), m.id))
             stable = stable[: s.max_memories]
             if len(stable) < s.min_memories:

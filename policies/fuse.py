@@ -23,8 +23,6 @@ from collections.abc import Sequence
 
 from pydantic import Field
 
-from memos.models import Memory
-
 from .spec import Action, Context, Plan, Policy, Settings, hookimpl, running
 
 _WORD = re.compile(r"\w+")
@@ -88,23 +86,23 @@ class Fuse(Policy):
         looked = {"memories": 0, "adapters": 0}
         actions: list[Action] = []
         for cube in ctx.cubes():
-            memories = [m for m in ctx.memories(cube, type=s.type) if m.blob is None]
-            looked["memories"] += len(memories)
-            by_id = {m.id: m for m in memories}
-            for group in near_duplicates({m.id: m.text for m in memories}, s.similarity):
+            texts = {m.id: m.text for m in ctx.memories(cube, type=s.type) if m.blob is None}
+            looked["memories"] += len(texts)
+            for group in near_duplicates(texts, s.similarity):
                 if len(actions) >= s.max_merges:
                     break
                 if len(group) > 100:
                     group = group[:100]  # merge's limit; the rest join at the next run
-                actions.append(Action(op="merge", args={"cube": cube, "ids": group}, reason=self._why(
-                    [by_id[i] for i in group])))
+                actions.append(Action(op="merge", args={"cube": cube, "ids": group},
+                                      reason=self._why([texts[i] for i in group])))
             adapters = ctx.call("adapters", cube=cube)
             looked["adapters"] += len(adapters)
-            actions += self._adapters(ctx, cube, adapters, {m.id for m in ctx.memories(cube, type="parameter")})
+            active = {m.id for m in ctx.memories(cube, type="parameter")}
+            actions += self._adapters(ctx, cube, adapters, active)
         return Plan(looked_at=looked, actions=actions)
 
-    def _why(self, group: Sequence[Memory]) -> str:
-        sets = [words(m.text) for m in group]
+    def _why(self, group: Sequence[str | None]) -> str:
+        sets = [words(text) for text in group]
         least = min(jaccard(a, b) for k, a in enumerate(sets) for b in sets[k + 1:])
         return (f"{len(group)} near-duplicate memories (word-set Jaccard >= {self.settings.similarity:g}; "
                 f"least similar pair {least:.2f})")

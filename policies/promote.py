@@ -32,11 +32,12 @@ class Promote(Policy):
         looked = 0
         actions = []
         for cube in ctx.cubes():
-            memories = ctx.memories(cube, type="plaintext")
-            looked += len(memories)
-            hot = [m for m in memories if reads(m) >= s.min_reads
-                   and m.usage is not None and m.usage.last_read is not None
-                   and ctx.now - m.usage.last_read <= s.window_s]
+            hot = []
+            for m in ctx.memories(cube, type="plaintext"):
+                looked += 1
+                if (reads(m) >= s.min_reads and m.usage is not None and m.usage.last_read is not None
+                        and ctx.now - m.usage.last_read <= s.window_s):
+                    hot.append(m)
             hot.sort(key=lambda m: (-reads(m), m.id))
             hot = hot[: s.max_memories]
             if len(hot) < s.min_memories:

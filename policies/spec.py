@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import pluggy
@@ -92,8 +93,9 @@ class Context(ABC):
         """Every cube's name."""
 
     @abstractmethod
-    def memories(self, cube: str, type: str | None = None) -> list[Memory]:
-        """The cube's active memories (of ``type``), with their read counts (``usage``)."""
+    def memories(self, cube: str, type: str | None = None) -> Iterator[Memory]:
+        """The cube's active memories (of ``type``), with their read counts (``usage``), a page at a
+        time: keep what you need of them, not all of them (a cube may hold millions)."""
 
     @abstractmethod
     def changed_at(self, memory: Memory) -> float:
