@@ -32,7 +32,7 @@ from memos import catalog, clock, codec
 from memos.access import Actor
 from memos.api import Memos
 from memos.catalog import ActionOutcome, PolicyInfo, PolicyRun
-from memos.errors import ConfigError, Conflict, InvalidRequest, MemosError, NotFound
+from memos.errors import Cancelled, ConfigError, Conflict, InvalidRequest, MemosError, NotFound
 from memos.ids import new_id
 from memos.ledger import commit_key
 from memos.models import Memory
@@ -53,6 +53,11 @@ def policy_actor(name: str) -> Actor:
 
 
 _PAGE = 256  # memories read per snapshot while a policy scans a cube
+# What no policy reads (agents, the audit, other policies' runs) or requests (besides those:
+# access, models, rollback, others' jobs): people's business. A policy approving a rollback
+# would be "an admin other than the proposer".
+_NOT_READ_BY_POLICIES = ("agent_", "audit_", "policy_")
+_NOT_FOR_POLICIES = (*_NOT_READ_BY_POLICIES, "cube_create", "cube_grant", "model_", "rollback", "job_cancel")
 
 
 class _Context(Context):
@@ -60,8 +65,10 @@ class _Context(Context):
     thread computes at most ``duty`` of the time. Requests share the interpreter with it, so an
     unpaced scan would make every request wait for its turn."""
 
-    def __init__(self, memos: Memos, perform: Perform, actor: Actor, dry_run: bool, duty: float) -> None:
-        self.memos, self.perform, self.actor = memos, perform, actor
+    def __init__(self, memos: Memos, perform: Perform, routes: dict[str, Any], actor: Actor, dry_run: bool,
+                 duty: float, stopping: threading.Event) -> None:
+        self.memos, self.perform, self.routes, self.actor = memos, perform, routes, actor
+        self.stopping = stopping
         self.now = clock.now()
         self.dry_run = dry_run
         self.duty = duty
@@ -69,7 +76,8 @@ class _Context(Context):
 
     def _pace(self, cpu_start: float) -> None:
         if self.duty < 1.0:
-            time.sleep((time.thread_time() - cpu_start) * (1.0 / self.duty - 1.0))
+            self.stopping.wait((time.thread_time() - cpu_start) * (1.0 / self.duty - 1.0))
+        self._check_stopping()
 
     def cubes(self) -> list[str]:
         return [c.name for c in self.memos.cubes.list_cubes(self.actor)]
@@ -95,11 +103,20 @@ class _Context(Context):
         return self._commit_times.get((memory.cube, memory.version), memory.updated_at)
 
     def call(self, op: str, **args: Any) -> Any:
+        self._check_stopping()
+        route = self.routes.get(op)
+        if (route is None or route.op.where not in ("inline", "worker") or route.op.streams
+                or op.startswith(_NOT_READ_BY_POLICIES)):
+            raise InvalidRequest(f"a policy may not call {op!r}: it reads cubes, memories, jobs and models", op=op)
         cpu = time.thread_time()
         try:
             return self.perform(self.actor, op, args)
         finally:
             self._pace(cpu)
+
+    def _check_stopping(self) -> None:
+        if self.stopping.is_set():
+            raise Cancelled("the daemon is shutting down")
 
 
 class Scheduler:
@@ -125,8 +142,9 @@ class Scheduler:
         )
         for name, schedule in self.schedules.items():
             if schedule.enabled and (schedule.every_s is not None or schedule.cron is not None):
-                self._aps.add_job(self._scheduled, self._trigger(name), args=[name], id=name, name=name,
-                                  next_run_time=self._resume_at(name))
+                # next_run_time=None would add the job paused: only interval jobs are given one.
+                resume = {"next_run_time": self._resume_at(name)} if schedule.every_s is not None else {}
+                self._aps.add_job(self._scheduled, self._trigger(name), args=[name], id=name, name=name, **resume)
 
     def _trigger(self, name: str) -> Any:
         schedule = self.schedules[name]
@@ -137,11 +155,10 @@ class Scheduler:
         except ValueError as exc:
             raise ConfigError(f"policy {name!r}: invalid cron {schedule.cron!r}: {exc}") from None
 
-    def _resume_at(self, name: str) -> datetime | None:
+    def _resume_at(self, name: str) -> datetime:
         """An interval schedule continues from the last run (a run overdue at start runs at once)."""
         every = self.schedules[name].every_s
-        if every is None:
-            return None  # cron: its own next time
+        assert every is not None
         state = self._state(name)
         last = state["wall"] if state else time.time()
         return datetime.fromtimestamp(max(last + every, time.time()), UTC)
@@ -166,11 +183,11 @@ class Scheduler:
         for name, policy in self.policies.items():
             job = self._aps.get_job(name)
             next_run = job.next_run_time if job is not None else None
-            last = self.history(actor, name, 1)
+            last = self._last_run(name)
             out.append(PolicyInfo(
                 name=name, description=policy.description, schedule=self.schedules[name].describe(),
                 next_run=next_run.timestamp() if next_run is not None else None,
-                running=self.locks[name].locked(), last_run=last[0] if last else None,
+                running=self.locks[name].locked(), last_run=last,
                 settings=policy.settings.model_dump(mode="json"),
             ))
         return out
@@ -182,7 +199,8 @@ class Scheduler:
                 f"no policy {name!r}; installed: {', '.join(self.policies) or 'none'}", policy=name))
         run = self._run(name, "manual", actor.name, dry_run)
         if run is None:
-            raise Conflict(f"policy {name!r} is running; try again when it ends", policy=name)
+            raise self.memos.core.refused(actor, "policy_run", None, Conflict(
+                f"policy {name!r} is running; try again when it ends", policy=name))
         return run
 
     def history(self, actor: Actor, policy: str | None = None, limit: int = 20) -> list[PolicyRun]:
@@ -212,7 +230,8 @@ class Scheduler:
             return None
         try:
             actor = policy_actor(name)
-            ctx = _Context(self.memos, self.perform, actor, dry_run, self.settings.duty_cycle)
+            ctx = _Context(self.memos, self.perform, self.routes, actor, dry_run, self.settings.duty_cycle,
+                           self._stopping)
             run = PolicyRun(id=new_id(), policy=name, trigger=trigger, requested_by=requested_by,
                             dry_run=dry_run, started=ctx.now, finished=ctx.now)
             try:
@@ -246,8 +265,9 @@ class Scheduler:
     def _apply(self, actor: Actor, outcome: ActionOutcome) -> None:
         route = self.routes.get(outcome.op)
         try:
-            if route is None or route.op.where not in ("writer", "job") or "cube" not in route.op.args.model_fields:
-                raise InvalidRequest(f"a policy may only write to or start jobs on a cube, not {outcome.op!r}")
+            if (route is None or route.op.where not in ("writer", "job") or "cube" not in route.op.args.model_fields
+                    or outcome.op.startswith(_NOT_FOR_POLICIES)):
+                raise InvalidRequest(f"a policy may only write memories to or start jobs on a cube, not {outcome.op!r}")
             result = self.perform(actor, outcome.op, outcome.args)
         except MemosError as exc:
             outcome.outcome, outcome.error = "error", {"code": exc.code, "message": exc.message}
@@ -261,19 +281,43 @@ class Scheduler:
     def _record(self, actor: Actor, run: PolicyRun) -> None:
         """Store the run and where its policy stands, in one audited commit."""
         store = self.memos.store
+        try:  # here, not in the commit: a record that does not encode must not fail other writes
+            record = codec.pack(run.model_dump(mode="json"))
+        except Exception as exc:  # a policy put something unencodable in looked_at or an action
+            run.error = f"the run's record could not be encoded ({type(exc).__name__}); its details are dropped"
+            run.looked_at = {}
+            for action in run.actions:
+                action.args, action.result = {"unrecorded": repr(action.args)[:500]}, {}
+            record = codec.pack(run.model_dump(mode="json"))
+        state = codec.pack({"run": run.id, "time": run.started, "wall": time.time()})
+        failed = sum(a.outcome == "error" for a in run.actions)
+        detail = {"run": run.id, "trigger": run.trigger, "requested_by": run.requested_by,
+                  "actions": len(run.actions), "failed": failed, **({"error": run.error} if run.error else {})}
 
         def fn(txn: Any) -> Applied:
-            txn.put(run.id.encode(), codec.pack(run.model_dump(mode="json")), db=store.db["policy_runs"])
-            state = {"run": run.id, "time": run.started, "wall": time.time()}
-            txn.put(run.policy.encode(), codec.pack(state), db=store.db["policy_state"])
-            failed = sum(a.outcome == "error" for a in run.actions)
-            return Applied(None, detail={"run": run.id, "trigger": run.trigger, "actions": len(run.actions),
-                                         "failed": failed, **({"error": run.error} if run.error else {})})
+            runs = store.db["policy_runs"]
+            txn.put(run.id.encode(), record, db=runs)
+            txn.put(run.policy.encode(), state, db=store.db["policy_state"])
+            excess = txn.stat(runs)["entries"] - self.settings.keep_runs
+            if excess > 0:  # the oldest runs go (ids sort by time); the audit keeps their summaries
+                cursor = txn.cursor(db=runs)
+                cursor.first()
+                for _ in range(excess):
+                    cursor.delete()
+            return Applied(None, detail=detail)
 
         try:
             self.submit(Write(actor, "policy_run", None, fn))
         except MemosError:
             log.exception("recording a policy run failed", extra={"policy": run.policy, "run": run.id})
+
+    def _last_run(self, name: str) -> PolicyRun | None:
+        state = self._state(name)
+        if state is None:
+            return None
+        with self.memos.store.read() as txn:
+            raw = txn.get(state["run"].encode(), db=self.memos.store.db["policy_runs"])
+        return None if raw is None else PolicyRun.model_validate(codec.unpack(raw))
 
     def _state(self, name: str) -> dict[str, Any] | None:
         with self.memos.store.read() as txn:

@@ -360,12 +360,15 @@ class Server:
         """A request made by the daemon itself (a policy): parsed, routed, checked, prepared, committed
         and audited as a client's would be. Writes wait for their commit. The result as plain data."""
         route = self.routes.get(op)
-        if route is None:
-            raise UnknownOperation(f"unknown operation {op!r}", op=op)
         try:
-            parsed = route.op.args.model_validate(args)
-        except ValidationError as exc:
-            raise InvalidRequest(f"{op}: {exc.errors(include_url=False)[0]['msg']}", op=op) from None
+            if route is None:
+                raise UnknownOperation(f"unknown operation {op!r}", op=op)
+            try:
+                parsed = route.op.args.model_validate(args)
+            except ValidationError as exc:
+                raise InvalidRequest(f"{op}: {exc.errors(include_url=False)[0]['msg']}", op=op) from None
+        except MemosError as exc:  # refused before it reached the store: audited as a client's would be
+            raise self.memos.core.refused(actor, op[:64], args.get("cube"), exc) from None
         if route.op.writes:
             write = route(actor, parsed)
             return wait_for(lambda job: self._commit(job, op, parsed), write)

@@ -215,7 +215,7 @@ class Writer(threading.Thread):
 
     def _announce(self, job: Job, applied: Applied) -> None:
         """Tell derived state, then subscribers, about a durable change to a cube."""
-        cube = applied.cube or job.write.cube
+        cube = job.write.cube
         if not isinstance(cube, str) or applied.version is None:
             return
         try:

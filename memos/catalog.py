@@ -157,6 +157,7 @@ class MergeArgs(Args):
     text: str | None = None  # default: the text of the most recently updated of them
     tags: list[str] | None = None  # default: all of theirs
     metadata: dict[str, Any] | None = None  # default: that of the most recently updated
+    expected_versions: list[int] | None = Field(None, max_length=100)  # of ids, in order: else conflict
 
 
 class BlobArgs(Args):

@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("v2", type=int)
 
     rollback = commands.add_parser("rollback", help="restore a cube (or memories) to a version, directly or "
-                                   "by a proposal (`rollback CUBE --to V` is `rollback apply`)")
+                                   "by a proposal (`rollback CUBE --to V` is `rollback apply CUBE --to V`; "
+                                   "a cube named like a subcommand needs the long form)")
     rollbacks = rollback.add_subparsers(dest="sub", required=True)
     for sub, help in (("apply", "roll back now (as governance allows)"),
                       ("propose", "propose a rollback for another admin to approve")):
@@ -295,9 +296,17 @@ def _target(client: Client, a: argparse.Namespace) -> tuple[int, list[str] | Non
     if a.to_version is not None:
         return a.to_version, a.memory_ids
     found = client.history(a.cube, before=a.undo + 1, limit=1)
-    if not found or found[0].version != a.undo:
+    if not found or found[0].version != a.undo or a.undo < 1:
         raise SystemExit(f"memosctl: cube {a.cube} has no commit v{a.undo}")
-    return a.undo - 1, a.memory_ids or [c.memory_id for c in found[0].changes]
+    ids = a.memory_ids or [c.memory_id for c in found[0].changes]
+    if not ids:
+        raise SystemExit(f"memosctl: commit v{a.undo} changed no memory: nothing to undo")
+    for memory_id in ids:  # undoing v only: a later change to one of its memories would be lost
+        latest = client.history(a.cube, memory_id=memory_id, limit=1)[0].version
+        if latest > a.undo:
+            raise SystemExit(f"memosctl: memory {memory_id} changed again at v{latest}, after v{a.undo}; "
+                             f"roll back with --to {a.undo - 1} --ids ... to discard that too")
+    return a.undo - 1, ids
 
 
 _ROLLBACK_SUBCOMMANDS = {"apply", "propose", "show", "approve", "reject", "proposals", "-h", "--help"}

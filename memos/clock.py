@@ -33,13 +33,17 @@ def use_file(path: str | Path) -> None:
     """Read the time from ``path`` from now on (its content: a number of seconds since the epoch)."""
     global _source
     file = Path(path)
+    last: list[float] = []
 
     def read() -> float:
         try:
-            return float(file.read_text().strip())
+            last[:] = [float(file.read_text().strip())]
         except (OSError, ValueError):
-            return time.time()  # a file being rewritten (or gone) must not stop the daemon
+            pass  # caught being rewritten: the last reading stands
+        return last[0]
 
-    if not file.is_file():
-        raise ConfigError(f"clock file {file} does not exist")
+    try:
+        last.append(float(file.read_text().strip()))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"clock file {file} does not hold a time: {exc}") from None
     _source = read

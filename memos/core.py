@@ -72,7 +72,7 @@ class Core:
             if w.request_id is not None:
                 detail["request_id"] = w.request_id
             self.audit.append(txn, actor=w.actor.name, op=w.op, outcome="ok",
-                              cube=applied.cube or w.cube, version=applied.version, detail=detail)
+                              cube=w.cube, version=applied.version, detail=detail)
             return applied
 
         return unit

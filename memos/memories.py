@@ -132,12 +132,15 @@ class Memories:
         return Write(actor, op, cube, fn, request_id)
 
     def write_merge(self, actor: Actor, cube: Any, ids: Sequence[str], text: Any = None, *, tags: Any = None,
-                    metadata: Any = None, request_id: str | None = None) -> Write:
+                    metadata: Any = None, expected_versions: Sequence[int] | None = None,
+                    request_id: str | None = None) -> Write:
         """One new memory in place of ``ids``: its sources are them at their versions, and they are
         archived (not erased) in the same commit, so rolling the commit back restores them exactly.
 
         What is not given comes from the most recently updated of them (text, metadata) or all
-        of them (tags, in order). Memories with blobs are not merged: their types fuse them.
+        of them (tags, in order, as many as the limit allows). ``expected_versions``: each memory's
+        version, in the order of ``ids``; a memory changed since gets ``conflict``. Memories with
+        blobs are not merged: their types fuse them.
         """
         core = self.core
         ids = _once(ids)
@@ -149,6 +152,13 @@ class Memories:
             if len(ids) > 100:
                 raise TooLarge("merge takes at most 100 memories", field="ids")
             olds = [self._current(txn, found.name, m) for m in dict.fromkeys(ids)]
+            if expected_versions is not None:
+                if len(expected_versions) != len(ids) or len(olds) != len(ids):
+                    raise InvalidRequest("expected_versions needs one version for each of ids", field="expected_versions")
+                for old, expected in zip(olds, expected_versions):
+                    if check.version(expected, "expected_versions") != old.version:
+                        raise Conflict(f"memory {old.id} is at version {old.version}, not {expected}",
+                                       memory=old.id, version=old.version)
             for old in olds:
                 if old.status is not Status.active:
                     raise Conflict(f"memory {old.id} is {old.status.value}, not active", memory=old.id)
@@ -158,7 +168,8 @@ class Memories:
             if len({old.type for old in olds}) > 1:
                 raise InvalidRequest("merged memories must be of one type", field="ids")
             newest = max(olds, key=lambda m: (m.updated_at, m.id))
-            merged_tags = tags if tags is not None else list(dict.fromkeys(t for m in olds for t in m.tags))
+            merged_tags = (tags if tags is not None
+                           else list(dict.fromkeys(t for m in olds for t in m.tags))[: core.limits.max_tags])
             item = NewMemory(
                 text=newest.text if text is None else text, type=newest.type, tags=merged_tags,
                 metadata=newest.metadata if metadata is None else metadata,

@@ -19,7 +19,7 @@ from . import catalog, clock, codec
 from . import validation as check
 from .access import Actor, may_read
 from .core import Core
-from .errors import Conflict, Denied, Expired, InvalidRequest, NotFound
+from .errors import Conflict, Denied, Expired, InvalidRequest, MemosError, NotFound
 from .ids import is_id, new_id
 from .memories import _once, version_in
 from .models import Cube, Proposal, Role
@@ -72,6 +72,9 @@ class Proposals:
             if proposal.proposer == actor.name:
                 raise Denied("a proposal must be approved by an agent other than its proposer",
                              proposal=proposal.id, agent=actor.name)
+            if core.governance.rollback_mode(found.name, actor.name) == "deny":
+                raise Denied(f"agent {actor.name!r} may not roll back cube {found.name!r}, nor approve rollbacks",
+                             cube=found.name, agent=actor.name, rule="deny")
             target = version_in(found, proposal.to_version)
             plan = rollback_plan(core, txn, found, target, proposal.memory_ids)
             if plan_hashes(plan) != proposal.plan:
@@ -85,10 +88,9 @@ class Proposals:
             proposal.applied_version = applied.version
             self._put(txn, proposal)
             applied.detail.update(self._detail(proposal))
-            applied.cube = found.name
             return applied
 
-        return Write(actor, "rollback_approve", None, fn, request_id)
+        return Write(actor, "rollback_approve", self._cube_of(id), fn, request_id)
 
     def write_reject(self, actor: Actor, id: Any, reason: str = "", request_id: str | None = None) -> Write:
         def fn(txn: lmdb.Transaction) -> Applied:
@@ -98,9 +100,9 @@ class Proposals:
             proposal.status, proposal.decided_by, proposal.decided_at = "rejected", actor.name, clock.now()
             proposal.decision = reason
             self._put(txn, proposal)
-            return Applied(proposal, found.version, [], self._detail(proposal), cube=found.name)
+            return Applied(proposal, found.version, [], self._detail(proposal))
 
-        return Write(actor, "rollback_reject", None, fn, request_id)
+        return Write(actor, "rollback_reject", self._cube_of(id), fn, request_id)
 
     def _decidable(self, txn: lmdb.Transaction, actor: Actor, id: Any, withdraw: bool = False) -> tuple[Proposal, Cube]:
         """A pending proposal and its cube, if ``actor`` may decide it (the proposer may withdraw)."""
@@ -160,6 +162,15 @@ class Proposals:
         return core.read(actor, "rollback_proposals", cube, fn)
 
     # -- records --------------------------------------------------------
+
+    def _cube_of(self, id: Any) -> str | None:
+        """The cube of proposal ``id`` (it never changes), for the write's audit record and event;
+        None when there is no such proposal (the write itself then says why)."""
+        try:
+            with self.core.store.read() as txn:
+                return self._get(txn, id).cube
+        except MemosError:
+            return None
 
     def _get(self, txn: lmdb.Transaction, id: Any) -> Proposal:
         if not isinstance(id, str) or not is_id(id):

@@ -26,8 +26,6 @@ class Applied:
     version: int | None = None
     memories: list[str] = field(default_factory=list)
     detail: dict[str, Any] = field(default_factory=dict)  # more for the audit record
-    # The cube changed, for a write whose cube was not known when it was built (a proposal's).
-    cube: str | None = None
 
 
 @dataclass

@@ -53,6 +53,7 @@ class SchedulerSettings(BaseModel):
     # with it; 1.0 runs flat out.
     duty_cycle: float = Field(0.5, gt=0, le=1)
     threads: int = Field(2, ge=1, le=64)  # runs at once (of different policies)
+    keep_runs: int = Field(10_000, ge=1)  # run records kept (the oldest go; their audit records stay)
 
 
 _SCHEDULE_KEYS = set(Schedule.model_fields)

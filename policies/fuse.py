@@ -5,9 +5,11 @@ punctuation dropped) have a Jaccard similarity of at least ``similarity``.
 Pairs are found exactly, without comparing all of them, by prefix filtering
 (Bayardo et al., "Scaling up all pairs similarity search", 2007): with words
 ordered rarest first, two sets that reach the threshold share a word among
-the first ``|x| - ceil(t·|x|) + 1`` of each. Each group of near duplicates is
-merged (``merge``) into one memory whose sources list them all; they are
-archived in the same commit, so rolling it back restores them exactly.
+the first ``|x| - ceil(t·|x|) + 1`` of each. A group holds memories that are
+all near duplicates of each other (a chain is not a group). Each group is
+merged (``merge``, at the versions read) into one memory whose sources list
+them all; they are archived in the same commit, so rolling it back restores
+them exactly.
 
 **Adapters** (parameter memories) of one model whose facts overlap by at
 least ``adapter_overlap`` (Jaccard) are fused (``fuse``, a job); once the
@@ -44,20 +46,17 @@ def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
 
 
 def near_duplicates(texts: dict[str, str | None], threshold: float) -> list[list[str]]:
-    """Groups (two or more ids) of texts linked by word-set Jaccard >= ``threshold``, exactly."""
+    """Groups (two or more ids) of texts whose every pair has word-set Jaccard >= ``threshold``.
+
+    Pairs are found exactly by prefix filtering; a group grows only by texts similar to all of
+    its members, so a chain (A like B, B like C, A unlike C) never merges A with C.
+    """
     sets = {i: words(t) for i, t in texts.items()}
     sets = {i: w for i, w in sets.items() if w}
     freq = Counter(w for ws in sets.values() for w in ws)
     ordered = {i: sorted(ws, key=lambda w: (freq[w], w)) for i, ws in sets.items()}
     postings: dict[str, list[str]] = defaultdict(list)
-    parent = {i: i for i in sets}
-
-    def root(i: str) -> str:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    similar: dict[str, set[str]] = defaultdict(set)
     for i in sorted(sets, key=lambda i: (len(sets[i]), i)):  # smaller sets first: each pair seen once
         ws = ordered[i]
         prefix = ws[: len(ws) - math.ceil(threshold * len(ws)) + 1]
@@ -67,12 +66,22 @@ def near_duplicates(texts: dict[str, str | None], threshold: float) -> list[list
                 if j not in seen:
                     seen.add(j)
                     if jaccard(sets[i], sets[j]) >= threshold:
-                        parent[root(i)] = root(j)
+                        similar[i].add(j)
+                        similar[j].add(i)
             postings[w].append(i)
-    groups: dict[str, list[str]] = defaultdict(list)
-    for i in sets:
-        groups[root(i)].append(i)
-    return sorted(sorted(g) for g in groups.values() if len(g) > 1)
+    groups = []
+    taken: set[str] = set()
+    for i in sorted(similar):
+        if i in taken:
+            continue
+        group = [i]
+        for j in sorted(similar[i] - taken):
+            if all(j in similar[g] for g in group):
+                group.append(j)
+        if len(group) > 1:
+            taken.update(group)
+            groups.append(sorted(group))
+    return sorted(groups)
 
 
 class Fuse(Policy):
@@ -86,14 +95,19 @@ class Fuse(Policy):
         looked = {"memories": 0, "adapters": 0}
         actions: list[Action] = []
         for cube in ctx.cubes():
-            texts = {m.id: m.text for m in ctx.memories(cube, type=s.type) if m.blob is None}
+            texts: dict[str, str | None] = {}
+            versions: dict[str, int] = {}
+            for m in ctx.memories(cube, type=s.type):
+                if m.blob is None:
+                    texts[m.id], versions[m.id] = m.text, m.version
             looked["memories"] += len(texts)
             for group in near_duplicates(texts, s.similarity):
                 if len(actions) >= s.max_merges:
                     break
                 if len(group) > 100:
                     group = group[:100]  # merge's limit; the rest join at the next run
-                actions.append(Action(op="merge", args={"cube": cube, "ids": group},
+                actions.append(Action(op="merge", args={"cube": cube, "ids": group,
+                                                        "expected_versions": [versions[i] for i in group]},
                                       reason=self._why([texts[i] for i in group])))
             adapters = ctx.call("adapters", cube=cube)
             looked["adapters"] += len(adapters)

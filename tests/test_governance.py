@@ -91,10 +91,25 @@ def test_a_proposal_is_applied_by_another_admin_exactly(gov, edited):
         gov.approve(BOB, proposal.id)
 
     trail = [(r.op, r.actor, r.outcome) for r in gov.audit_tail(LOCAL_ADMIN, 5)]
+    assert {r.cube for r in gov.audit_tail(LOCAL_ADMIN, 5)} == {"team"}  # refusals name the cube too
     assert trail == [("rollback_propose", "alice", "ok"), ("rollback_approve", "alice", "denied"),
                      ("rollback_approve", "carol", "denied"), ("rollback_approve", "bob", "ok"),
                      ("rollback_approve", "bob", "error")]
     assert gov.audit_verify(LOCAL_ADMIN).ok
+
+
+def test_an_agent_denied_rollback_cannot_approve_one(store_dir, now):
+    rules = Governance(rule=[Rule(agents=["bob"], rollback="deny"), Rule(rollback="propose")])
+    with Memos(store_dir, governance=rules) as m:
+        m.create_cube(ALICE, "team")
+        m.grant(ALICE, "team", "bob", "admin")
+        mem = m.add(ALICE, "team", "a")
+        m.update(ALICE, "team", mem.id, "b")
+        proposal = m.propose(ALICE, "team", 1)
+        with pytest.raises(Denied, match="nor approve"):
+            m.approve(BOB, proposal.id)
+        assert m.get(ALICE, "team", mem.id).text == "b"
+        assert m.approve(LOCAL_ADMIN, proposal.id).version == 3
 
 
 def test_an_expired_proposal_cannot_be_applied(gov, edited, now):
@@ -196,6 +211,18 @@ def test_merge_archives_the_originals_and_rolling_it_back_restores_them_byte_exa
     assert commit.op == "merge" and {c.memory_id for c in commit.changes} == {a.id, b.id, merged.id}
     memos.rollback(ALICE, cube, commit.version - 1)
     assert memos.state(LOCAL_ADMIN, cube) == before
+
+
+def test_merge_checks_the_versions_it_was_planned_on_and_keeps_tags_within_limits(memos, cube):
+    a = memos.add(ALICE, cube, "one", tags=[f"a{i}" for i in range(40)])
+    b = memos.add(ALICE, cube, "one!", tags=[f"b{i}" for i in range(40)])
+    memos.update(ALICE, cube, a.id, "one, edited")
+    with pytest.raises(Conflict, match="not 1"):
+        memos.merge(ALICE, cube, [a.id, b.id], expected_versions=[1, 2])
+    with pytest.raises(InvalidRequest):
+        memos.merge(ALICE, cube, [a.id, b.id], expected_versions=[3])
+    merged = memos.merge(ALICE, cube, [a.id, b.id], expected_versions=[3, 2])
+    assert merged.text == "one, edited" and len(merged.tags) == memos.limits.max_tags
 
 
 def test_merge_refuses_what_it_cannot_merge(memos, cube):

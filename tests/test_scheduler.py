@@ -46,7 +46,9 @@ class SimClock:
 
     def set(self, t: float) -> float:
         self.t = t
-        self.path.write_text(repr(t))
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(repr(t))
+        tmp.replace(self.path)  # the daemon never reads a half-written time
         return t
 
     def advance(self, seconds: float) -> float:
@@ -209,7 +211,9 @@ def test_near_duplicates_are_found_exactly_at_the_similarity_threshold():
              "d": "unrelated words entirely here"}
     assert near_duplicates(texts, 0.8) == [["a", "b"]]  # 4/5 = 0.8; a-c 4/7, b-c 4/6
     assert near_duplicates(texts, 0.81) == []
-    assert near_duplicates(texts, 0.66) == [["a", "b", "c"]]  # b-c 4/6 links c
+    assert near_duplicates(texts, 0.66) == [["a", "b"]]  # b-c 4/6, but a-c 4/7: a chain is no group
+    chain = {"x": "a b c d e", "y": "a b c d e f", "z": "a b c d e f g"}  # x-y .83, y-z .86, x-z .71
+    assert near_duplicates(chain, 0.8) == [["x", "y"]]
     many = {str(i): f"fact number {i} about topic {i % 7}" for i in range(300)}
     many["dup"] = "fact number 5 about topic 5"
     assert near_duplicates(many, 0.9) == [["5", "dup"]]
@@ -242,11 +246,18 @@ def test_a_policy_acts_only_through_writes_on_cubes_and_each_action_is_checked(a
     admin.cube_create("aaa-meddle")
     run = admin.policy_run("meddle")
     outcomes = [(a.op, a.outcome, a.error["code"] if a.error else None) for a in run.actions]
-    assert outcomes == [("agent_add", "error", "invalid_request"), ("add", "error", "invalid_request"),
-                        ("history", "error", "invalid_request"), ("add", "ok", None)]
-    note = admin.get(run.actions[3].args["cube"], run.actions[3].result["id"])
+    assert outcomes == [("agent_add", "error", "invalid_request"), ("cube_grant", "error", "invalid_request"),
+                        ("add", "error", "invalid_request"), ("history", "error", "invalid_request"),
+                        ("add", "ok", None)]
+    # What it tried to read beyond cubes, memories, jobs and models was refused too.
+    assert run.looked_at["calls"] == {"agent_add": "invalid_request", "audit_tail": "invalid_request",
+                                      "rollback_approve": "invalid_request", "jobs": "ok"}
+    note = admin.get(run.actions[4].args["cube"], run.actions[4].result["id"])
     assert (note.provenance.actor, note.provenance.policy) == ("policy:meddle", "meddle")
-    assert "mallory" not in [a.name for a in admin.agent_list()]
+    assert not {"mallory", "eve"} & {a.name for a in admin.agent_list()}
+    assert "mallory" not in admin.cube_get("aaa-meddle").acl
+    refused = [r for r in admin.audit_tail(20) if r.actor == "policy:meddle" and r.outcome != "ok"]
+    assert {r.op for r in refused} >= {"add"}  # a malformed request of a policy is audited like a client's
 
 
 def test_a_failing_policy_is_recorded_and_only_admins_run_policies(running, admin):
@@ -278,6 +289,8 @@ def test_memosctl_lists_runs_and_dry_runs_policies(running):
 SCHEDULED = """
 [explode]
 every_s = 0.3
+[decay]
+cron = "0 3 * * *"
 [sleepy]
 every_s = 0.2
 sleep_s = 0.6
@@ -310,7 +323,7 @@ def test_schedules_run_never_overlap_survive_failures_and_resume_after_a_restart
         assert d.proc.wait(30) == 0
         d.close_clients()
         d.env["MEMOS_DAEMON__POLICIES"] = str(d.root / "slow.toml")
-        (d.root / "slow.toml").write_text("[sleepy]\nevery_s = 3600\n")
+        (d.root / "slow.toml").write_text("[sleepy]\nevery_s = 3600\n[decay]\ncron = \"0 3 * * *\"\n")
         d.start()
         admin = d.client(timeout=30)
         listed = {p.name: p for p in admin.policy_list()}
@@ -319,5 +332,7 @@ def test_schedules_run_never_overlap_survive_failures_and_resume_after_a_restart
         # The schedule resumes from the last run (wall-clock time), not from the restart.
         assert abs(listed["sleepy"].next_run - (last.looked_at["end"] + 3600)) < 5
         assert listed["explode"].schedule == "on demand" and listed["explode"].next_run is None
+        assert listed["decay"].schedule == "cron 0 3 * * * (UTC)"
+        assert listed["decay"].next_run is not None and listed["decay"].next_run % 86400 == 3 * 3600
     finally:
         d.cleanup()

@@ -6,6 +6,7 @@ import time
 
 from pydantic import Field
 
+from memos.errors import MemosError
 from memos.policies.spec import Action, Context, Plan, Policy, Settings, hookimpl
 
 
@@ -45,8 +46,18 @@ class Meddle(Policy):
 
     def propose(self, ctx: Context) -> Plan:
         cubes = ctx.cubes()
-        return Plan(looked_at={"cubes": len(cubes)}, actions=[
+        calls = {}
+        for op, args in (("agent_add", {"name": "eve"}), ("audit_tail", {}), ("rollback_approve", {"id": "0" * 26}),
+                         ("jobs", {})):
+            try:
+                ctx.call(op, **args)
+                calls[op] = "ok"
+            except MemosError as exc:
+                calls[op] = exc.code
+        return Plan(looked_at={"cubes": len(cubes), "calls": calls}, actions=[
             Action(op="agent_add", args={"name": "mallory"}, reason="not a cube's business"),
+            Action(op="cube_grant", args={"cube": cubes[0], "agent": "mallory", "role": "admin"},
+                   reason="access is people's business"),
             Action(op="add", args={"cube": cubes[0], "text": 7}, reason="malformed"),
             Action(op="history", args={"cube": cubes[0]}, reason="a read is no action"),
             Action(op="add", args={"cube": cubes[0], "text": "a note from a policy"}, reason="valid"),
