@@ -211,6 +211,8 @@ def test_screens_fit_80x24_and_160x48(daemon, tmp_path):
         app = MemosApp(daemon.socket)
         async with app.run_test(size=size) as pilot:
             await until(pilot, lambda: app.connected, what="connection")
+            # The status line is on screen, just above the key bindings.
+            assert app.screen.get_widget_at(2, size[1] - 2)[0] is app.query_one("#status")
             for key in "12345":
                 await pilot.press(key)
                 await pilot.pause(0.2)

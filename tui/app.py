@@ -22,6 +22,7 @@ from .memories import MemoriesPane
 from .scheduler import SchedulerPane
 
 CSS = """
+TabbedContent { height: 1fr; }
 #status { height: 1; background: $panel; padding: 0 1; }
 #status.down { background: $error; color: $text; }
 .filters { height: 3; }
@@ -81,6 +82,13 @@ class MemosApp(App[None]):
 
     def on_mount(self) -> None:
         self.watch_connection()
+        self.query_one("#cubes-table").focus()
+
+    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        """Keys go to the tab just opened: its first table."""
+        tables = self.pane(str(event.pane.id)).query("DataTable")
+        if tables:
+            tables.first().focus()
 
     def pane(self, name: str) -> Any:
         return self.query_one(f"#{name}-pane")

@@ -17,7 +17,7 @@ TYPES = ("plaintext", "activation", "parameter")
 class CubesPane(Vertical):
     def compose(self) -> ComposeResult:
         table: DataTable = DataTable(id="cubes-table", cursor_type="row", zebra_stripes=True)
-        table.add_columns("cube", "version", "owner", *TYPES, "other", "size")
+        table.add_columns("cube", "version", "owner", *TYPES, "other", "size")  # of active memories
         yield table
 
     async def reload(self) -> None:

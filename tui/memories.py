@@ -102,6 +102,7 @@ class MemoriesPane(Vertical):
         if event.input.id == "mem-search":
             self.query_text = event.value.strip() or None
         await self.app.reload_pane(self)  # type: ignore[attr-defined]
+        self.query_one(DataTable).focus()
 
     async def on_select_changed(self, event: Select.Changed) -> None:
         await self.app.reload_pane(self)  # type: ignore[attr-defined]
@@ -110,6 +111,8 @@ class MemoriesPane(Vertical):
         self.query_one("#mem-search", Input).focus()
 
     async def action_clear_search(self) -> None:
+        """Leave the filters for the table (and drop a search, if one is shown)."""
+        self.query_one(DataTable).focus()
         if self.query_text is not None:
             self.query_text = None
             self.query_one("#mem-search", Input).value = ""
