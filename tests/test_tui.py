@@ -79,26 +79,33 @@ def test_navigate_filter_diff_roll_back_and_see_the_audit(daemon):
             assert "coffee" in rows(app, "#mem-table")[0][4]
             detail = str(app.query_one("#mem-detail").render())
             assert "by admin" in detail and "read" in detail
+            # Live: what another client writes shows up from the daemon's events (nothing polls).
+            admin.add("notes", "Ada drinks it with oat milk", tags=["drinks"])
+            await until(pilot, lambda: len(rows(app, "#mem-table")) == 2, what="the new memory, live")
 
             await pilot.press("escape")
             app.set_focus(None)
             await pilot.press("3")
-            await until(pilot, lambda: len(rows(app, "#commits")) == 4, what="the commits")
+            await until(pilot, lambda: len(rows(app, "#commits")) == 5, what="the commits")
             commits = app.query_one("#commits")
             commits.focus()
-            commits.move_cursor(row=0)  # v3, the update
+            commits.move_cursor(row=1)  # v3, the update
             await pilot.press("d")
             await until(pilot, lambda: isinstance(app.screen, TextScreen), what="the diff")
             assert any("coffee" in str(line) for line in app.screen.lines)
             await pilot.press("escape")
 
-            commits.move_cursor(row=1)  # v2: before the update
+            commits.move_cursor(row=2)  # v2: before the update
             await pilot.press("b")
             await until(pilot, lambda: isinstance(app.screen, ConfirmRollback), what="the confirmation")
             assert any("green tea" in line for line in app.screen.lines)  # the diff, shown before anything
-            assert admin.cube_get("notes").version == 3
+            await pilot.click("#cancel")  # the mouse works too: cancelled, nothing happens
+            await until(pilot, lambda: not isinstance(app.screen, ConfirmRollback), what="the cancel")
+            assert admin.cube_get("notes").version == 4
+            await pilot.press("b")
+            await until(pilot, lambda: isinstance(app.screen, ConfirmRollback), what="the confirmation again")
             await pilot.press("y")
-            await until(pilot, lambda: admin.cube_get("notes").version == 4, what="the rollback")
+            await until(pilot, lambda: admin.cube_get("notes").version == 5, what="the rollback")
             assert admin.get("notes", tea.id).text == "Ada drinks green tea"
 
             app.set_focus(None)
