@@ -169,12 +169,11 @@ class AsyncClient:
         operation is never resent: a second run would stream its pieces too.
         """
         rid, frame = self._frame(op, args)
-        sock = self._connect()
         for _ in range(self._tries(op)):
             future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
             self._pending[rid] = future
             self._partials[rid] = [on_partial or _ignore, time.monotonic()]
-            await sock.send(frame)
+            await self._connect().send(frame)  # a new socket if another call gave up meanwhile
             try:
                 while True:
                     try:
@@ -188,6 +187,9 @@ class AsyncClient:
             finally:
                 self._pending.pop(rid, None)
                 self._partials.pop(rid, None)
+        # ZeroMQ keeps frames queued while it reconnects: a request given up on must not reach a
+        # daemon that comes back later, so its socket goes (the next call opens a new one).
+        await self.close()
         raise self._gave_up(self._tries(op))
 
     async def close(self) -> None:
@@ -352,7 +354,16 @@ class Client(AsyncClient):
                 if left <= 0:
                     break
                 wait_ms = max(1, int(left * 1000))
+        self._drop_socket()  # as AsyncClient.call: what is still queued must never be sent
         raise self._gave_up(self._tries(op))
+
+    def _drop_socket(self) -> None:
+        sock = getattr(self._local, "sock", None)
+        if sock is not None:
+            self._local.sock = None
+            with self._sockets_lock:
+                self._sockets.remove(sock)
+            sock.close(linger=0)
 
     def close(self) -> None:  # type: ignore[override]
         with self._sockets_lock:

@@ -125,3 +125,35 @@ def test_request_ids_are_unique_across_clients_and_forked_children(tmp_path):
     # Without a new prefix the child would repeat an id its parent has sent or will send next.
     assert child_id not in [*ids, parent_id]
     assert child_id[:16] != parent_id[:16]
+
+
+def test_a_request_given_up_on_never_reaches_a_daemon_that_comes_back():
+    """ZeroMQ queues frames while it reconnects: a timed-out write must not be applied later."""
+    import asyncio
+
+    from daemon_fixtures import Daemon
+    from memos.client import AsyncClient
+
+    d = Daemon().start()
+    try:
+        blocking = Client(d.socket, timeout=0.5, retries=0)
+        blocking.cube_create("present")
+        d.stop()
+        with pytest.raises(Timeout):
+            blocking.cube_create("ghost")
+
+        async def give_up() -> None:
+            client = AsyncClient(d.socket, timeout=0.5, retries=0)
+            with pytest.raises(Timeout):
+                await client.cube_create("async-ghost")
+            await client.close()
+
+        asyncio.run(give_up())
+        d.start()
+        time.sleep(0.5)  # time for a queued frame to arrive, were there one
+        names = [c.name for c in blocking.cube_list()]  # the same client, on a new socket
+        assert names == ["present"]
+        blocking.close()
+        d.stop()
+    finally:
+        d.cleanup()

@@ -71,6 +71,9 @@ class MemosApp(App[None]):
         self.connected = False
         self.identity = ""
         self._due: set[str] = set()  # panes to reload once the current burst of events has passed
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._stale: set[str] = set()  # tabs changed while hidden: reloaded when shown
+        self._pid: int | None = None  # the daemon's, to notice a restart
 
     def compose(self) -> ComposeResult:
         with TabbedContent(initial="cubes", id="tabs"):
@@ -84,11 +87,15 @@ class MemosApp(App[None]):
         self.watch_connection()
         self.query_one("#cubes-table").focus()
 
-    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
-        """Keys go to the tab just opened: its first table."""
-        tables = self.pane(str(event.pane.id)).query("DataTable")
+    async def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        """Keys go to the tab just opened: its first table. A tab that changed while hidden reloads."""
+        name = str(event.pane.id)
+        tables = self.pane(name).query("DataTable")
         if tables:
             tables.first().focus()
+        if name in self._stale:
+            self._stale.discard(name)
+            self.run_worker(self.reload_pane(self.pane(name)), group=f"reload-{name}")
 
     def pane(self, name: str) -> Any:
         return self.query_one(f"#{name}-pane")
@@ -104,12 +111,16 @@ class MemosApp(App[None]):
                 problem = f"memosd is not running at {self.socket_path}: start it with `memosd`"
             else:
                 try:
+                    pid = (await self.client.ping())["pid"]
                     who = await self.client.whoami()
                     self.identity = f"{who['agent']}{' (administrator)' if who['admin'] else ''}"
                 except Denied as exc:
                     problem = f"the token was refused: {exc.message}"
                 except MemosError as exc:
                     problem = f"memosd at {self.socket_path} does not answer ({exc.code}); retrying"
+                else:
+                    if pid != self._pid:  # a daemon restarted between two checks is a new one too
+                        self.connected, self._pid = False, pid
             if problem is None and not self.connected:
                 self.connected = True
                 self.show_status()
@@ -145,19 +156,27 @@ class MemosApp(App[None]):
             self._due |= due
 
     async def _reload_due(self) -> None:
+        """Reload the tab on screen; the others when they are next shown (counting every cube's
+        memories or verifying the audit chain on each event would not keep up with a busy daemon)."""
         due, self._due = self._due, set()
-        for name in due:
-            await self.reload_pane(self.pane(name))
+        shown = self.query_one(TabbedContent).active
+        self._stale |= due - {shown}
+        if shown in due:
+            await self.reload_pane(self.pane(shown))
 
     # -- reloading and errors -------------------------------------------
 
     async def reload_pane(self, pane: Any) -> None:
+        """Reload one tab; one reload of a tab at a time (events, keys and reconnection all ask)."""
         if not self.connected:
+            self.notify("not connected to memosd", severity="warning")
             return
-        try:
-            await pane.reload()
-        except MemosError as exc:
-            self.fail(exc)
+        lock = self._locks.setdefault(pane.id, asyncio.Lock())
+        async with lock:
+            try:
+                await pane.reload()
+            except MemosError as exc:
+                self.fail(exc)
 
     async def reload_all(self) -> None:
         for name in PANES:
@@ -173,6 +192,7 @@ class MemosApp(App[None]):
 
     async def select_cube(self, name: str) -> None:
         self.cube = name
+        self.pane("history").marked = []  # versions of another cube
         self.show_status()
         self.query_one(TabbedContent).active = "memories"
         for pane in ("memories", "history"):
@@ -181,8 +201,8 @@ class MemosApp(App[None]):
     def action_tab(self, name: str) -> None:
         self.query_one(TabbedContent).active = name
 
-    async def action_reload(self) -> None:
-        await self.reload_all()
+    def action_reload(self) -> None:
+        self.run_worker(self.reload_all(), group="reload", exclusive=True)  # keys stay live meanwhile
 
     async def on_unmount(self) -> None:
         await self.client.close()

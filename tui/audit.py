@@ -9,6 +9,8 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Input, Label
 
+from memos.errors import MemosError
+
 from .format import short, when
 
 FIELDS = ("actor", "cube", "op", "outcome")
@@ -46,7 +48,7 @@ class AuditPane(Vertical):
         try:
             records = await client.audit_tail(1000)
             report = await client.audit_verify()
-        except Exception as exc:  # noqa: BLE001  (an agent's token: the audit is the administrator's)
+        except MemosError as exc:  # an agent's token: the audit is the administrator's
             chain.update(f"[red]{getattr(exc, 'message', exc)}[/]")
             table.clear()
             return

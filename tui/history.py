@@ -10,14 +10,26 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.widgets import DataTable, Label
 
+from memos.errors import MemosError
+
 from .dialogs import ConfirmRollback, TextScreen, diff_lines
 from .format import body, short, when
+
+
+class ProposalsTable(DataTable):
+    """Pending proposals; approving or rejecting needs this table's focus (tab to it), not the commits'."""
+
+    BINDINGS = [Binding("y", "decide(True)", "Approve"), Binding("n", "decide(False)", "Reject")]
+
+    async def action_decide(self, approve: bool) -> None:
+        pane = next(a for a in self.ancestors if isinstance(a, HistoryPane))
+        await pane.decide(approve)
 
 
 class HistoryPane(Vertical):
     BINDINGS = [
         Binding("space", "mark", "Mark"), Binding("d", "diff", "Diff"), Binding("v", "as_of", "As of"),
-        Binding("b", "rollback", "Roll back"), Binding("y", "approve", "Approve"), Binding("n", "reject", "Reject"),
+        Binding("b", "rollback", "Roll back"),
     ]
 
     def __init__(self, **kwargs: Any) -> None:
@@ -28,8 +40,8 @@ class HistoryPane(Vertical):
         commits: DataTable = DataTable(id="commits", cursor_type="row", zebra_stripes=True)
         commits.add_columns("", "version", "op", "actor", "when", "changes")
         yield commits
-        yield Label("Rollback proposals (y approve, n reject)", classes="subtitle")
-        proposals: DataTable = DataTable(id="proposals", cursor_type="row", zebra_stripes=True)
+        yield Label("Rollback proposals (tab here, then y approve, n reject)", classes="subtitle")
+        proposals = ProposalsTable(id="proposals", cursor_type="row", zebra_stripes=True)
         proposals.add_columns("proposal", "cube", "to", "by", "changes", "expires", "state", "reason")
         yield proposals
 
@@ -39,18 +51,19 @@ class HistoryPane(Vertical):
 
     async def reload(self) -> None:
         cube = self.app.cube  # type: ignore[attr-defined]
+        history = await self.client.history(cube, limit=500) if cube is not None else []
+        pending = await self.client.rollback_proposals()
         commits = self.query_one("#commits", DataTable)
         keep = commits.cursor_row
         commits.clear()
-        if cube is not None:
-            for c in await self.client.history(cube, limit=500):
-                mark = "*" if c.version in self.marked else ""
-                commits.add_row(mark, c.version, c.op, c.actor, when(c.time), len(c.changes), key=str(c.version))
+        for c in history:
+            mark = "*" if c.version in self.marked else ""
+            commits.add_row(mark, c.version, c.op, c.actor, when(c.time), len(c.changes), key=str(c.version))
+        if history:
             commits.move_cursor(row=max(0, min(keep, commits.row_count - 1)))
-        self.border_title = f"{cube}: history" if cube else "history (select a cube)"
         proposals = self.query_one("#proposals", DataTable)
         proposals.clear()
-        for p in await self.client.rollback_proposals():
+        for p in pending:
             state = "STALE" if p.stale else "expired" if p.expired else p.status
             proposals.add_row(p.id, p.cube, f"v{p.to_version}", p.proposer, len(p.plan), when(p.expires_at),
                               state, short(p.reason, 30), key=p.id)
@@ -66,7 +79,7 @@ class HistoryPane(Vertical):
         if version is None:
             return
         self.marked = [v for v in self.marked if v != version] if version in self.marked else [*self.marked, version][-2:]
-        await self.reload()
+        await self.app.reload_pane(self)  # type: ignore[attr-defined]
 
     async def action_diff(self) -> None:
         cube = self.app.cube  # type: ignore[attr-defined]
@@ -76,7 +89,7 @@ class HistoryPane(Vertical):
         v1, v2 = self.marked if len(self.marked) == 2 else (max(version - 1, 0), version)
         try:
             entries = await self.client.diff(cube, v1, v2)
-        except Exception as exc:  # noqa: BLE001  (shown, not raised: a TUI keeps running)
+        except MemosError as exc:  # shown, not raised: a TUI keeps running
             self.app.fail(exc)  # type: ignore[attr-defined]
             return
         self.app.push_screen(TextScreen(f"{cube}: v{min(v1, v2)} -> v{max(v1, v2)}", diff_lines(entries)))
@@ -86,7 +99,11 @@ class HistoryPane(Vertical):
         version = self._version()
         if cube is None or version is None:
             return
-        mems = await self.client.list(cube, at=version, status="all")
+        try:
+            mems = await self.client.list(cube, at=version, status="all")
+        except MemosError as exc:
+            self.app.fail(exc)  # type: ignore[attr-defined]
+            return
         lines = [f"{m.id}  {m.type:<10} {m.status.value:<8} {short(body(m), 60)}" for m in mems]
         self.app.push_screen(TextScreen(f"{cube} as of v{version}", lines or ["(empty)"]))
 
@@ -95,8 +112,12 @@ class HistoryPane(Vertical):
         version = self._version()
         if cube is None or version is None:
             return
-        head = (await self.client.cube_get(cube)).version
-        lines = diff_lines(await self.client.diff(cube, head, version)) if version < head else ["(no differences)"]
+        try:
+            head = (await self.client.cube_get(cube)).version
+            lines = diff_lines(await self.client.diff(cube, head, version)) if version < head else ["(no differences)"]
+        except MemosError as exc:
+            self.app.fail(exc)  # type: ignore[attr-defined]
+            return
 
         async def chosen(choice: str | None) -> None:
             if choice is None:
@@ -108,7 +129,7 @@ class HistoryPane(Vertical):
                 else:
                     proposal = await self.client.rollback_propose(cube, version, reason="proposed from memos-tui")
                     self.app.notify(f"proposal {proposal.id} made: another admin of {cube} approves it")
-            except Exception as exc:  # noqa: BLE001
+            except MemosError as exc:
                 self.app.fail(exc)  # type: ignore[attr-defined]
             await self.app.reload_all()  # type: ignore[attr-defined]
 
@@ -120,7 +141,7 @@ class HistoryPane(Vertical):
             return None
         return str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
 
-    async def _decide(self, approve: bool) -> None:
+    async def decide(self, approve: bool) -> None:
         proposal = self._proposal()
         if proposal is None:
             return
@@ -131,12 +152,6 @@ class HistoryPane(Vertical):
             else:
                 await self.client.rollback_reject(proposal, "rejected from memos-tui")
                 self.app.notify(f"proposal {proposal} rejected")
-        except Exception as exc:  # noqa: BLE001
+        except MemosError as exc:
             self.app.fail(exc)  # type: ignore[attr-defined]
         await self.app.reload_all()  # type: ignore[attr-defined]
-
-    async def action_approve(self) -> None:
-        await self._decide(True)
-
-    async def action_reject(self) -> None:
-        await self._decide(False)

@@ -56,7 +56,7 @@ class MemoriesPane(Vertical):
         else:
             found = await client.list(cube, status=status, tag=tag, usage=True)
         shown = [m for m in found if (kind == "all" or m.type == kind) and text in (m.text or "").lower()
-                 and (tag is None or tag in m.tags)]
+                 and (tag is None or tag in m.tags) and status in ("all", m.status.value)]
         self.details = {}
         if any(m.type == "activation" for m in shown):
             self.details.update({a["memory_id"]: a for a in await client.activations(cube)})
@@ -81,8 +81,8 @@ class MemoriesPane(Vertical):
 
     def describe(self, m: Any) -> str:
         p = m.provenance
-        lines = [f"[b]{m.id}[/b]  {m.type}  v{m.version}  {m.status.value}  created {when(m.created_at)}",
-                 short(body(m), 400)]
+        # What fits at 80x24 comes first: the body, possibly long, last.
+        lines = [f"[b]{m.id}[/b]  {m.type}  v{m.version}  {m.status.value}  created {when(m.created_at)}"]
         info = self.details.get(m.id)
         if info is not None and m.type == "activation":
             lines.append(f"model {info['model_name']}  {info['tokens']} tokens  {info['dtype']}  {size(info['size'])}"
@@ -96,6 +96,7 @@ class MemoriesPane(Vertical):
                      f"sources: {sources}")
         if m.usage is not None:
             lines.append(f"read {m.usage.reads} times, last {when(m.usage.last_read)}")
+        lines.append(short(body(m), 400))
         return "\n".join(lines)
 
     async def on_input_submitted(self, event: Input.Submitted) -> None:

@@ -1,5 +1,5 @@
-"""The scheduler's policies (schedule, next and last run, what the last run did; run one now or as a
-dry run) and the background jobs with their progress, updated from the daemon's job events."""
+"""The scheduler's policies (schedule, next and last run, what the last run did; ``x`` runs one now,
+``t`` as a dry run) and the background jobs with their progress, updated from the daemon's job events."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Label, ProgressBar, Static
+
+from memos.errors import MemosError
 
 from .format import short, when
 
@@ -39,16 +41,18 @@ class JobRow(Horizontal):
 
     def show(self, job: dict[str, Any]) -> None:
         self.job = job
+        labels, bars = self.query(Label), self.query(ProgressBar)
+        if not labels or not bars:
+            return  # not composed yet: on_mount shows the latest
         stage = job.get("detail", {}).get("stage", "")
-        self.query_one(Label).update(f"{job['kind']:<12} {job.get('cube') or '-':<12} {job['state']:<9} {stage}")
-        bar = self.query_one(ProgressBar)
-        done = job["state"] != "running"
-        bar.update(total=max(job["total"], 1) if not done else 1,
-                   progress=job["done"] if not done else 1)
+        labels.first().update(f"{job['kind']:<12} {job.get('cube') or '-':<12} {job['state']:<9} {stage}")
+        # A job that failed or was cancelled keeps the progress it made; one that is done is full.
+        total = max(job["total"], 1)
+        bars.first().update(total=total, progress=total if job["state"] == "done" else min(job["done"], total))
 
 
 class SchedulerPane(Vertical):
-    BINDINGS = [Binding("n", "run(False)", "Run now"), Binding("t", "run(True)", "Dry run")]
+    BINDINGS = [Binding("x", "run(False)", "Run now"), Binding("t", "run(True)", "Dry run")]
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -67,7 +71,7 @@ class SchedulerPane(Vertical):
         table = self.query_one("#policies", DataTable)
         try:
             policies = await client.policy_list()
-        except Exception as exc:  # noqa: BLE001  (an agent's token: policies are the administrator's)
+        except MemosError as exc:  # an agent's token: policies are the administrator's
             policies = []
             self.query_one("#policy-detail", Static).update(f"[red]{getattr(exc, 'message', exc)}[/]")
         self.policies = {p.name: p for p in policies}
@@ -104,7 +108,7 @@ class SchedulerPane(Vertical):
         client: Any = self.app.client  # type: ignore[attr-defined]
         try:
             run = await client.policy_run(name, dry_run=dry_run)
-        except Exception as exc:  # noqa: BLE001
+        except MemosError as exc:
             self.app.fail(exc)  # type: ignore[attr-defined]
             return
         self.query_one("#policy-detail", Static).update(run_lines(run))
