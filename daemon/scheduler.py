@@ -170,7 +170,7 @@ class Scheduler:
         log.info("scheduler started", extra={"policies": {n: s.describe() for n, s in self.schedules.items()}})
 
     def stop(self) -> None:
-        """Let runs under way finish their current action, then stop."""
+        """Ask runs under way to stop at their next page or request (recorded as stopped), then stop."""
         self._stopping.set()
         if self._aps.running:
             self._aps.shutdown(wait=True)

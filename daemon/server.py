@@ -21,8 +21,8 @@ Threads and who owns what:
 from __future__ import annotations
 
 import fcntl
-import gc
 import functools
+import gc
 import logging
 import os
 import stat
