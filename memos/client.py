@@ -28,8 +28,9 @@ import zmq.asyncio
 
 from . import catalog
 from . import protocol as p
-from .errors import InvalidRequest, MemosError, Timeout, TooLarge, from_wire
+from .errors import InvalidRequest, MemosError, Timeout, TooLarge, Unavailable, from_wire
 from .extraction import messages_to_memories
+from .liveness import check_daemon
 from .memtypes import load_types
 from .models import Event, Memory, plain
 from .operations import Operation
@@ -43,6 +44,9 @@ def default_socket() -> Path:
     from .config import load
 
     return load().daemon.socket_path()
+
+
+_LOOK_EVERY_MS = 1000  # a blocking call checks that the daemon is still there this often while it waits
 
 
 class _RequestIds:
@@ -91,6 +95,7 @@ class AsyncClient:
 
     def _connect(self) -> zmq.asyncio.Socket:
         if self._sock is None:
+            check_daemon(self.socket_path)  # no daemon: fail now, not after every timeout
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(f"ipc://{self.socket_path}")
@@ -312,6 +317,7 @@ class Client(AsyncClient):
     def _socket(self) -> zmq.Socket:
         sock = getattr(self._local, "sock", None)
         if sock is None:
+            check_daemon(self.socket_path)  # no daemon: fail now, not after every timeout
             sock = zmq.Context.instance().socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             self._local.rcvtimeo = sock.RCVTIMEO  # set per wait, only when it changes
@@ -331,18 +337,22 @@ class Client(AsyncClient):
         """
         rid, frame = self._frame(op, args)
         sock = self._socket()
-        full_ms = max(1, int(self.timeout * 1000))
         for _ in range(self._tries(op)):
             sock.send(frame)
             deadline = time.monotonic() + self.timeout
-            wait_ms = full_ms
+            wait_ms = min(_LOOK_EVERY_MS, max(1, int(self.timeout * 1000)))
             while True:
                 if self._local.rcvtimeo != wait_ms:
                     sock.RCVTIMEO = self._local.rcvtimeo = wait_ms
                 try:
                     reply = p.decode(sock.recv(), 1 << 62)
                 except zmq.Again:
-                    break
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._still_there(op)  # a daemon that died meanwhile will not answer: say so now
+                    wait_ms = min(_LOOK_EVERY_MS, max(1, int(left * 1000)))
+                    continue
                 if reply.get("id") == rid:
                     if "partial" not in reply:
                         return self._result(reply)
@@ -353,9 +363,19 @@ class Client(AsyncClient):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                wait_ms = max(1, int(left * 1000))
+                wait_ms = min(_LOOK_EVERY_MS, max(1, int(left * 1000)))
         self._drop_socket()  # as AsyncClient.call: what is still queued must never be sent
         raise self._gave_up(self._tries(op))
+
+    def _still_there(self, op: str) -> None:
+        """Between slices of a wait: if the daemon is gone, drop the request (never sent to a
+        successor) and say so, rather than wait out every try."""
+        try:
+            check_daemon(self.socket_path)
+        except Unavailable as exc:
+            self._drop_socket()
+            raise Unavailable(f"{exc.message} (it went away while {op!r} waited for its reply, "
+                              "which may or may not have been applied)", **exc.details) from None
 
     def _drop_socket(self) -> None:
         sock = getattr(self._local, "sock", None)

@@ -13,7 +13,7 @@ from textual.binding import Binding
 from textual.widgets import Footer, Static, TabbedContent, TabPane
 
 from memos.client import AsyncClient, default_socket
-from memos.errors import Denied, MemosError
+from memos.errors import Denied, MemosError, Unavailable
 
 from .audit import AuditPane
 from .cubes import CubesPane
@@ -116,6 +116,8 @@ class MemosApp(App[None]):
                     self.identity = f"{who['agent']}{' (administrator)' if who['admin'] else ''}"
                 except Denied as exc:
                     problem = f"the token was refused: {exc.message}"
+                except Unavailable as exc:  # a stale socket: the client library says what to do
+                    problem = exc.message
                 except MemosError as exc:
                     problem = f"memosd at {self.socket_path} does not answer ({exc.code}); retrying"
                 else:
