@@ -396,3 +396,49 @@ def test_concurrent_search_while_upserting():
         t.join()
     assert not errors, errors
     assert len(ix) == 400 - 15
+
+
+def _reference_bm25(docs: dict[str, list[str]], query: list[str], k1: float, b: float) -> dict[str, float]:
+    """BM25 written out from its definition (Robertson & Zaragoza 2009; Lucene's idf, which stays
+    positive): score(d) = sum over query terms t of idf(t) * tf(t,d) * (k1 + 1) / (tf(t,d) + k1 * (1 - b + b * |d| / avgdl)),
+    idf(t) = ln(1 + (N - df(t) + 0.5) / (df(t) + 0.5))."""
+    import math
+    from collections import Counter
+
+    n = len(docs)
+    avgdl = sum(len(t) for t in docs.values()) / n
+    df = Counter(term for terms in docs.values() for term in set(terms))
+    out = {}
+    for doc_id, terms in docs.items():
+        tf = Counter(terms)
+        score = 0.0
+        for term in set(query):
+            if tf[term]:
+                idf = math.log(1 + (n - df[term] + 0.5) / (df[term] + 0.5))
+                score += idf * tf[term] * (k1 + 1) / (tf[term] + k1 * (1 - b + b * len(terms) / avgdl))
+        out[doc_id] = score
+    return out
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_contextual_bm25_with_a_window_of_one_is_bm25(grouped):
+    """With a window of one a memory's context is itself, so its lexical score must be plain BM25,
+    checked against the formula computed here, not against the index's own arithmetic."""
+    from memos.plugins.plaintext.retrieval.text import tokenize
+
+    rng = np.random.default_rng(7)
+    docs = []
+    for i in range(120):
+        words = " ".join(rng.choice(WORDS[:12], size=int(rng.integers(1, 14))))  # repeats: tf > 1
+        meta = {"session": f"s{i % 4}", "position": float(i)} if grouped else {}
+        docs.append(doc_for(f"d{i:04d}", words, meta, created_at=float(i)))
+    cfg = RetrievalConfig(window=(1.0,), k1=1.2, b=0.75, lexical_candidates=1000)
+    ix = HybridIndex(DIM, cfg)
+    ix.upsert(docs, unit(rng, len(docs)))
+    terms = {d.id: tokenize(d.key) for d in docs}
+    for query in ("apple", "banana cherry", "delta delta echo falcon", "garden harbor island jungle kettle lemon"):
+        expected = _reference_bm25(terms, tokenize(query), cfg.k1, cfg.b)
+        got = {h.id: h.lexical for h in ix.search(query, unit(rng, 1)[0], len(docs))}
+        assert set(got) == set(expected)
+        for doc_id, score in expected.items():
+            assert got[doc_id] == pytest.approx(score, rel=1e-4, abs=1e-5), (query, doc_id)
