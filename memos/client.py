@@ -49,6 +49,11 @@ def default_socket() -> Path:
 _LOOK_EVERY_MS = 1000  # a blocking call checks that the daemon is still there this often while it waits
 
 
+def _went_away(exc: Unavailable, op: str) -> Unavailable:
+    return Unavailable(f"{exc.message} (it went away while {op!r} waited for its reply, "
+                       "which may or may not have been applied)", **exc.details)
+
+
 class _RequestIds:
     """Request ids: a random prefix per process and one counter for all its clients.
 
@@ -182,11 +187,13 @@ class AsyncClient:
             try:
                 while True:
                     try:
-                        return self._result(await asyncio.wait_for(asyncio.shield(future), self.timeout))
+                        wait = min(self.timeout, _LOOK_EVERY_MS / 1000)
+                        return self._result(await asyncio.wait_for(asyncio.shield(future), wait))
                     except asyncio.TimeoutError:
                         listener = self._partials.get(rid)
                         if listener is None or time.monotonic() - listener[1] >= self.timeout:
                             raise
+                        await self._still_there(op)  # a daemon that died will not answer: say so now
             except asyncio.TimeoutError:
                 continue  # resend with the same id: the daemon applies a write once
             finally:
@@ -196,6 +203,15 @@ class AsyncClient:
         # daemon that comes back later, so its socket goes (the next call opens a new one).
         await self.close()
         raise self._gave_up(self._tries(op))
+
+    async def _still_there(self, op: str) -> None:
+        """While a call waits: if the daemon is gone, drop the socket (what is queued on it must not
+        reach a successor) and say so, rather than wait out every try."""
+        try:
+            check_daemon(self.socket_path)
+        except Unavailable as exc:
+            await self.close()
+            raise _went_away(exc, op) from None
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -350,7 +366,7 @@ class Client(AsyncClient):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
-                    self._still_there(op)  # a daemon that died meanwhile will not answer: say so now
+                    self._check_still_there(op)  # a daemon that died meanwhile will not answer: say so now
                     wait_ms = min(_LOOK_EVERY_MS, max(1, int(left * 1000)))
                     continue
                 if reply.get("id") == rid:
@@ -367,15 +383,13 @@ class Client(AsyncClient):
         self._drop_socket()  # as AsyncClient.call: what is still queued must never be sent
         raise self._gave_up(self._tries(op))
 
-    def _still_there(self, op: str) -> None:
-        """Between slices of a wait: if the daemon is gone, drop the request (never sent to a
-        successor) and say so, rather than wait out every try."""
+    def _check_still_there(self, op: str) -> None:
+        """AsyncClient._still_there, blocking: this thread's socket goes."""
         try:
             check_daemon(self.socket_path)
         except Unavailable as exc:
             self._drop_socket()
-            raise Unavailable(f"{exc.message} (it went away while {op!r} waited for its reply, "
-                              "which may or may not have been applied)", **exc.details) from None
+            raise _went_away(exc, op) from None
 
     def _drop_socket(self) -> None:
         sock = getattr(self._local, "sock", None)

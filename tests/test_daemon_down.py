@@ -62,7 +62,10 @@ def test_memosctl_says_so_in_a_line(tmp_path):
     assert took < 10, took  # interpreter start-up included; the call itself fails at once (test above)
 
 
-def test_a_daemon_killed_while_a_client_waits_is_reported_within_a_second():
+@pytest.mark.parametrize("kind", ["blocking", "async"])
+def test_a_daemon_killed_while_a_client_waits_is_reported_within_a_second(kind):
+    import threading
+
     d = Daemon().start()
     try:
         client = Client(d.socket, timeout=60, retries=2)
@@ -73,12 +76,17 @@ def test_a_daemon_killed_while_a_client_waits_is_reported_within_a_second():
             time.sleep(0.5)
             os.kill(d.pid, signal.SIGKILL)  # ...by a daemon that then dies, leaving its socket
 
-        import threading
+        async def waiting() -> None:
+            async_client = AsyncClient(d.socket, timeout=60, retries=2)
+            try:
+                await async_client.cube_list()
+            finally:
+                await async_client.close()
 
         threading.Thread(target=killer).start()
         start = time.monotonic()
         with pytest.raises(Unavailable, match="went away while 'cube_list' waited"):
-            client.cube_list()
+            client.cube_list() if kind == "blocking" else asyncio.run(waiting())
         assert time.monotonic() - start < 2.5  # killed after 0.5 s, noticed within the next second
         d.proc.wait(10)
         d.start()  # a new daemon on the same socket: the client goes on, and nothing was left queued
