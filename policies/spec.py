@@ -104,8 +104,9 @@ class Context(ABC):
 
     @abstractmethod
     def call(self, op: str, **args: Any) -> Any:
-        """A read operation of the daemon (``activations``, ``adapters``, ``model_list``, ``history``...),
-        its result as plain data."""
+        """A read operation of the daemon (``activations``, ``adapters``, ``model_list``, ``jobs``,
+        ``history``...), its result as plain data. Agents, the audit and policy runs are not for
+        policies to read (``invalid_request``)."""
 
     def load(self) -> float:
         """The machine's load: the 1-minute load average per CPU (1.0: every CPU busy)."""
