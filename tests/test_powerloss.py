@@ -1,7 +1,7 @@
 """Power loss, simulated: what memosd acknowledged is on disk, not only in the page cache.
 
 A SIGKILL leaves the page cache intact, so a killed daemon's unflushed writes survive it and a
-crash test passes even with durability off. Here memosd runs with ``tests/powerloss/powerloss.c``
+crash test passes even with durability off. Here memosd runs with ``tests/faults/faults.c``
 preloaded: it keeps, beside the LMDB data file, an image of the file as of its last flush
 (fsync/fdatasync, or a write through an O_DSYNC descriptor, as LMDB writes its meta page). After
 SIGKILL the image replaces the file, as a power cut would leave it, and every acknowledged write
@@ -20,14 +20,14 @@ import pytest
 from daemon_fixtures import ROOT, Daemon
 from memos.errors import MemosError, NotFound
 
-SHIM = ROOT / "tests" / "powerloss" / "powerloss.c"
+SHIM = ROOT / "tests" / "faults" / "faults.c"
 
 
 @pytest.fixture(scope="module")
 def shim(tmp_path_factory) -> Path:
     if shutil.which("gcc") is None:
         pytest.skip("no C compiler to build the power-loss shim")
-    out = tmp_path_factory.mktemp("shim") / "powerloss.so"
+    out = tmp_path_factory.mktemp("shim") / "faults.so"
     subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(out), str(SHIM), "-ldl"], check=True)
     return out
 

@@ -1,5 +1,7 @@
-/* A power-loss simulator for LMDB files, loaded into memosd with LD_PRELOAD by tests/test_powerloss.py.
+/* Faults for LMDB files, loaded into memosd with LD_PRELOAD by tests/test_powerloss.py and
+ * tests/test_disk_faults.py: power loss, and a disk that fails or fills up.
  *
+ * Power loss.
  * After a power cut, a file holds what was flushed to the disk and nothing else. This shim keeps,
  * beside each LMDB data file ("data.mdb"), an image of it as of its last flush: whenever the
  * process calls fsync/fdatasync on the file, or writes to it through a descriptor opened with
@@ -8,10 +10,15 @@
  * flush). A test kills the daemon, puts the image in place of the file, and checks that every
  * acknowledged write is still there. With commits not flushed (MDB_NOSYNC) the image falls
  * behind and acknowledged writes are lost: the test fails, as it must.
+ *
+ * Failing disk. While the file named by MEMOS_FAULT_FILE exists, every write to and flush of an
+ * LMDB data file fails: with ENOSPC if the file says "enospc", else with EIO.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <errno.h>
 #include <fcntl.h>
+#include <stdlib.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -86,6 +93,19 @@ static void snapshot(int fd) {
 static int synced(int fd) { return fd >= 0 && fd < MAX_FD && tracked[fd] == 2; }
 static int data(int fd) { return fd >= 0 && fd < MAX_FD && tracked[fd]; }
 
+/* 1 (errno set) if writes to fd must fail now. */
+static int failing(int fd) {
+    const char *file = getenv("MEMOS_FAULT_FILE");
+    if (!file || !data(fd)) return 0;
+    int f = real_open(file, O_RDONLY);
+    if (f < 0) return 0;
+    char what[16] = {0};
+    ssize_t n = read(f, what, sizeof what - 1);
+    real_close(f);
+    errno = (n >= 6 && strncmp(what, "enospc", 6) == 0) ? ENOSPC : EIO;
+    return 1;
+}
+
 int open(const char *path, int flags, ...) {
     init();
     va_list ap; va_start(ap, flags); mode_t mode = va_arg(ap, int); va_end(ap);
@@ -108,18 +128,28 @@ int close(int fd) {
     return real_close(fd);
 }
 
-int fsync(int fd) { init(); int rc = real_fsync(fd); if (rc == 0 && data(fd)) snapshot(fd); return rc; }
-int fdatasync(int fd) { init(); int rc = real_fdatasync(fd); if (rc == 0 && data(fd)) snapshot(fd); return rc; }
+int fsync(int fd) {
+    init(); if (failing(fd)) return -1;
+    int rc = real_fsync(fd); if (rc == 0 && data(fd)) snapshot(fd); return rc;
+}
+int fdatasync(int fd) {
+    init(); if (failing(fd)) return -1;
+    int rc = real_fdatasync(fd); if (rc == 0 && data(fd)) snapshot(fd); return rc;
+}
 
 ssize_t pwrite(int fd, const void *buf, size_t count, off_t offset) {
-    init(); ssize_t rc = real_pwrite(fd, buf, count, offset); if (rc > 0 && synced(fd)) snapshot(fd); return rc;
+    init(); if (failing(fd)) return -1;
+    ssize_t rc = real_pwrite(fd, buf, count, offset); if (rc > 0 && synced(fd)) snapshot(fd); return rc;
 }
 ssize_t pwrite64(int fd, const void *buf, size_t count, off_t offset) {
-    init(); ssize_t rc = real_pwrite64(fd, buf, count, offset); if (rc > 0 && synced(fd)) snapshot(fd); return rc;
+    init(); if (failing(fd)) return -1;
+    ssize_t rc = real_pwrite64(fd, buf, count, offset); if (rc > 0 && synced(fd)) snapshot(fd); return rc;
 }
 ssize_t pwritev(int fd, const struct iovec *iov, int iovcnt, off_t offset) {
-    init(); ssize_t rc = real_pwritev(fd, iov, iovcnt, offset); if (rc > 0 && synced(fd)) snapshot(fd); return rc;
+    init(); if (failing(fd)) return -1;
+    ssize_t rc = real_pwritev(fd, iov, iovcnt, offset); if (rc > 0 && synced(fd)) snapshot(fd); return rc;
 }
 ssize_t write(int fd, const void *buf, size_t count) {
-    init(); ssize_t rc = real_write(fd, buf, count); if (rc > 0 && synced(fd)) snapshot(fd); return rc;
+    init(); if (failing(fd)) return -1;
+    ssize_t rc = real_write(fd, buf, count); if (rc > 0 && synced(fd)) snapshot(fd); return rc;
 }
