@@ -141,6 +141,7 @@ def test_power_cuts_at_random_moments_while_agents_write(shim):
                 token = acknowledged[memory_id].split()[-1]
                 assert memory_id in [h.memory.id for h in client.search("ledger", token, k=3)]
         assert len(acknowledged) > 100
+        print(f"power cuts: 20, acknowledged writes checked after each: {len(acknowledged)} in all, lost: 0")
         d.stop()
     finally:
         d.cleanup()
