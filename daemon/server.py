@@ -45,8 +45,10 @@ from memos.errors import (
     InvalidRequest,
     MemosError,
     Unauthenticated,
+    Unavailable,
     UnknownOperation,
 )
+from memos.liveness import check_daemon
 from memos.models import plain
 from memos.operations import Route, bind
 from memos.writes import Write
@@ -136,9 +138,14 @@ class Server:
         data_dir = private_dir(Path(self.cfg.data_dir).expanduser())
         self._data_lock = _Lock(data_dir / "memosd.lock", "data folder")
         for stale in (self.socket_path, self.events_path):
-            if stale.exists():  # we hold the lock, so whoever made it is gone
-                log.info("removing stale socket %s", stale)
-                stale.unlink()
+            if stale.exists():  # we hold the lock, so no memosd made it; is another program there?
+                try:
+                    check_daemon(stale)
+                except Unavailable:  # nobody listens: left by a memosd that was killed
+                    log.info("removing stale socket %s", stale)
+                    stale.unlink()
+                else:
+                    raise ConfigError(f"another program listens on {stale}; memosd will not take its socket over")
         if self.cfg.clock_file is not None:
             clock.use_file(self.cfg.clock_file)
         self.types = MemoryTypes(self.settings, data_dir)

@@ -161,6 +161,26 @@ def test_stale_socket_is_removed(make_daemon):
     d.stop()
 
 
+def test_a_socket_another_program_listens_on_is_not_taken_over(make_daemon):
+    import socket as sockets
+
+    d = make_daemon()
+    d.socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    other = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
+    other.bind(str(d.socket))
+    other.listen(1)
+    try:
+        refused(d.spawn(), d, "another program listens on")
+        client = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
+        client.connect(str(d.socket))  # still the other program's
+        client.close()
+    finally:
+        other.close()
+    d.socket.unlink()
+    d.start()  # once it is gone, memosd starts
+    d.stop()
+
+
 def test_socket_folder_must_be_private(make_daemon):
     d = make_daemon()
     open_dir = d.root / "open"
