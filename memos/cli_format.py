@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 
-def _short(text: str | None, width: int = 70) -> str:
+def short(text: str | None, width: int = 70) -> str:
     text = (text or "").replace("\n", " ")
     return text if len(text) <= width else text[: width - 1] + "…"
 
@@ -16,7 +16,7 @@ def _memory_line(m: dict[str, Any]) -> str:
     tags = f" [{', '.join(m['tags'])}]" if m.get("tags") else ""
     status = "" if m.get("status") == "active" else f" ({m['status']})"
     body = m.get("text") if m.get("text") is not None else f"<{m['type']} blob {m['blob']['size']} bytes>"
-    return f"{m['id']}  v{m['version']}{status}  {_short(body)}{tags}"
+    return f"{m['id']}  v{m['version']}{status}  {short(body)}{tags}"
 
 
 def human(command: str, value: Any) -> str:
@@ -70,7 +70,7 @@ def human(command: str, value: Any) -> str:
         )
     if command == "diff":
         return "\n".join(
-            f"{d['change']:<9} {d['memory_id']}  {_short((d.get('after') or d.get('before') or {}).get('text'), 60)}"
+            f"{d['change']:<9} {d['memory_id']}  {short((d.get('after') or d.get('before') or {}).get('text'), 60)}"
             for d in value
         ) or "(no differences)"
     if command in ("cube list",):
@@ -86,8 +86,8 @@ def human(command: str, value: Any) -> str:
         return "\n".join(_proposal_line(p) for p in value) or "(no proposals)"
     if command == "rollback show":
         changes = "\n".join(
-            f"  {d['change']:<9} {d['memory_id']}  {_short((d.get('before') or {}).get('text'), 40)!r} -> "
-            f"{_short((d.get('after') or {}).get('text'), 40)!r}" for d in value["diff"])
+            f"  {d['change']:<9} {d['memory_id']}  {short((d.get('before') or {}).get('text'), 40)!r} -> "
+            f"{short((d.get('after') or {}).get('text'), 40)!r}" for d in value["diff"])
         stale = "  STALE: the cube changed since it was proposed" if value["proposal"].get("stale") else ""
         return f"{_proposal_line(value['proposal'])}{stale}\n{changes or '  (no changes)'}"
     if command == "policy list":

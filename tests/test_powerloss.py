@@ -32,6 +32,16 @@ def shim(tmp_path_factory) -> Path:
     return out
 
 
+def power_cut(d: Daemon) -> None:
+    """SIGKILL, then the data file as the disk holds it: its last flushed image (none: no file)."""
+    d.kill()
+    image = d.data_dir / "data.mdb.durable"
+    (d.data_dir / "data.mdb").unlink()
+    if image.is_file():
+        image.rename(d.data_dir / "data.mdb")
+    (d.data_dir / "lock.mdb").unlink(missing_ok=True)
+
+
 def test_every_acknowledged_write_survives_a_power_cut(shim):
     d = Daemon(env={"LD_PRELOAD": str(shim)})
     d.start()
@@ -57,14 +67,7 @@ def test_every_acknowledged_write_survives_a_power_cut(shim):
         for t in threads:
             t.join()
         assert len(acknowledged) == 160
-        d.kill()
-
-        # The power cut: the disk holds what was flushed, nothing more (no flush: no file).
-        image = d.data_dir / "data.mdb.durable"
-        (d.data_dir / "data.mdb").unlink()
-        if image.is_file():
-            image.rename(d.data_dir / "data.mdb")
-        (d.data_dir / "lock.mdb").unlink(missing_ok=True)
+        power_cut(d)
         d.env.pop("LD_PRELOAD")
         d.start()
         admin = d.client(timeout=30)
@@ -79,16 +82,6 @@ def test_every_acknowledged_write_survives_a_power_cut(shim):
         d.stop()
     finally:
         d.cleanup()
-
-
-def power_cut(d: Daemon) -> None:
-    """SIGKILL, then the data file as the disk holds it: its last flushed image (none: no file)."""
-    d.kill()
-    image = d.data_dir / "data.mdb.durable"
-    (d.data_dir / "data.mdb").unlink()
-    if image.is_file():
-        image.rename(d.data_dir / "data.mdb")
-    (d.data_dir / "lock.mdb").unlink(missing_ok=True)
 
 
 def test_power_cuts_at_random_moments_while_agents_write(shim):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from memos.cli_format import short  # noqa: F401  (one way to cut a text to a cell)
+
 
 def when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
@@ -16,11 +18,6 @@ def size(n: int | float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GB"
-
-
-def short(text: str | None, width: int = 60) -> str:
-    text = (text or "").replace("\n", " ")
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def body(memory: Any) -> str:
