@@ -68,6 +68,7 @@ _PARTIAL = b"partial"  # third frame of a partial reply on its way to the main t
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 _SNDMORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
 _ANONYMOUS = Actor("anonymous")  # who a request that fails before authentication is audited as
+_ENDS_TOKENS = ("agent_remove", "agent_rotate")  # after their commit, tokens checked before are forgotten
 
 
 def private_dir(path: Path) -> Path:
@@ -341,7 +342,7 @@ class Server:
             if where == "writer":
                 write = route(actor, args, envelope.id)
                 hand_off()
-                reply = self._forgetting_tokens(queued) if envelope.op == "agent_remove" else queued
+                reply = self._forgetting_tokens(queued) if envelope.op in _ENDS_TOKENS else queued
                 self._commit(Job(actor, envelope.id, write, reply), envelope.op, args)
             elif inline and where != "inline":
                 hand_off()

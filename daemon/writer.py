@@ -30,7 +30,7 @@ import lmdb
 
 from memos import codec
 from memos.api import Actor, Memos
-from memos.errors import InternalError, MemosError, from_wire
+from memos.errors import Conflict, InternalError, MemosError, from_wire
 from memos.models import plain
 from memos.protocol import error_reply, ok_reply
 from memos.storage import request_time_key
@@ -54,7 +54,7 @@ class Job:
 
     @property
     def key(self) -> bytes:
-        return f"{self.actor.name}\0{self.request_id}".encode()
+        return f"{self.actor.key}\0{self.request_id}".encode()
 
 
 def wait_for(send: Callable[[Job], None], write: Write) -> Any:
@@ -79,6 +79,13 @@ def wait_for(send: Callable[[Job], None], write: Write) -> Any:
 _STOP = object()
 _HOUSEKEEPING_EVERY_S = 60.0  # at most this much of read counts is lost if the daemon is killed
 _PRUNE_BATCH = 250  # stored replies forgotten per transaction: ~10 ms between group commits
+
+
+def _withheld(job: Job, op: str) -> dict[str, Any]:
+    """What a retry of a request whose reply held a secret gets: the secret is never stored."""
+    return error_reply(job.request_id, Conflict(
+        f"this {op} was applied, and its reply held a token that is shown only once and not kept; "
+        "rotate the agent's token (memosctl agent rotate NAME) to get a new one", op=op, withheld=True))
 
 
 def _one_by_one(replies: list[tuple[Reply, dict[str, Any]]]) -> None:
@@ -207,7 +214,8 @@ class Writer(threading.Thread):
             applied.result = reply = ok_reply(job.request_id, plain(applied.result))
             if job.idempotent:
                 now = time.time()
-                txn.put(job.key, codec.pack_unsorted({"time": now, "reply": reply}), db=self.db)
+                kept = _withheld(job, inner.op) if applied.secret else reply
+                txn.put(job.key, codec.pack_unsorted({"time": now, "reply": kept}), db=self.db)
                 txn.put(request_time_key(now, job.key), b"", db=self.times)
             return applied
 

@@ -19,11 +19,19 @@ class Actor:
 
     ``policy``: the policy acting, when a policy of the scheduler asks; what it
     adds records the policy in its provenance.
+    ``id``: an agent's stable id (:mod:`memos.agents`); ownership and grants
+    reference it (its :attr:`key`), so a name given again later inherits nothing.
     """
 
     name: str
     admin: bool = False
     policy: str | None = None
+    id: str | None = None
+
+    @property
+    def key(self) -> str:
+        """What cubes' owner and access lists hold for this actor."""
+        return self.id or self.name
 
 
 LOCAL_ADMIN = Actor("admin", admin=True)
@@ -38,9 +46,9 @@ def require(ledger: Ledger, txn: lmdb.Transaction, actor: Actor, cube: Any, role
     """
     name = check.name(cube, "cube")
     found = ledger.shared_cube(txn, name) if shared else ledger.cube(txn, name)
-    if actor.admin or found.owner == actor.name:
+    if actor.admin or found.owner == actor.key:
         return found
-    held = found.acl.get(actor.name)
+    held = found.acl.get(actor.key)
     if held is None or not held.allows(role):
         raise Denied(
             f"agent {actor.name!r} needs {role.value} on cube {found.name!r}",
@@ -50,4 +58,4 @@ def require(ledger: Ledger, txn: lmdb.Transaction, actor: Actor, cube: Any, role
 
 
 def may_read(actor: Actor, cube: Cube) -> bool:
-    return actor.admin or cube.owner == actor.name or actor.name in cube.acl
+    return actor.admin or cube.owner == actor.key or actor.key in cube.acl

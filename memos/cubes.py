@@ -6,9 +6,9 @@ from typing import Any
 
 import lmdb
 
-from . import catalog, clock
+from . import catalog, clock, principals
 from . import validation as check
-from .access import Actor, may_read
+from .access import LOCAL_ADMIN, Actor, may_read
 from .core import Core
 from .errors import Conflict, InvalidRequest
 from .models import Commit, Cube, Role
@@ -32,12 +32,12 @@ class Cubes:
             if core.ledger.has_cube(txn, cube_name):
                 raise Conflict(f"cube {cube_name!r} already exists", cube=cube_name)
             now = clock.now()
-            cube = Cube(name=cube_name, owner=actor.name, acl={actor.name: Role.admin},
+            cube = Cube(name=cube_name, owner=actor.key, acl={actor.key: Role.admin},
                         settings=check.metadata(settings, core.limits), version=0, created_at=now)
             core.ledger.put_commit(txn, Commit(cube=cube_name, version=0, actor=actor.name,
                                                time=now, op="create_cube"))
             core.ledger.put_cube(txn, cube)
-            return Applied(cube, 0)
+            return Applied(self._shown(txn, cube), 0)
 
         return Write(actor, "create_cube", name, fn, request_id)
 
@@ -48,13 +48,17 @@ class Cubes:
         def fn(txn: lmdb.Transaction) -> Applied:
             found = core.require(txn, actor, cube, Role.admin)
             agent_name = check.name(agent, "agent")
+            if agent_name == LOCAL_ADMIN.name:
+                raise InvalidRequest("the local administrator holds every role already", field="agent")
+            key = principals.key_of(core.store, txn, agent_name)  # NotFound: no grants to unknown agents
             if role is None:
-                found.acl.pop(agent_name, None)
+                found.acl.pop(key, None)
             else:
-                found.acl[agent_name] = check.role(role)
+                found.acl[key] = check.role(role)
             core.ledger.put_cube(txn, found)
-            return Applied(found, found.version,
-                           detail={"agent": agent_name, "role": None if role is None else str(role)})
+            return Applied(self._shown(txn, found), found.version,
+                           detail={"agent": agent_name, "agent_id": key,
+                                   "role": None if role is None else str(role)})
 
         return Write(actor, "grant", cube, fn, request_id)
 
@@ -65,9 +69,13 @@ class Cubes:
                               lambda txn: self.core.require(txn, actor, cube, wanted))
 
     def get_cube(self, actor: Actor, cube: str) -> Cube:
-        return self.core.read(actor, "get_cube", cube, lambda txn: self.core.require(txn, actor, cube, Role.read))
+        return self.core.read(actor, "get_cube", cube,
+                              lambda txn: self._shown(txn, self.core.require(txn, actor, cube, Role.read)))
 
     def list_cubes(self, actor: Actor) -> list[Cube]:
         """Cubes the actor may read."""
-        return self.core.read(actor, "list_cubes", None,
-                              lambda txn: [c for c in self.core.ledger.cubes(txn) if may_read(actor, c)])
+        return self.core.read(actor, "list_cubes", None, lambda txn: [
+            self._shown(txn, c) for c in self.core.ledger.cubes(txn) if may_read(actor, c)])
+
+    def _shown(self, txn: lmdb.Transaction, cube: Cube) -> Cube:
+        return principals.shown(self.core.store, txn, cube)

@@ -186,6 +186,7 @@ class Proposal(_Model):
     to_version: int
     memory_ids: list[str] | None = None
     proposer: str
+    proposer_id: str | None = None  # the proposer's stable id (memos.agents)
     reason: str = ""
     created_at: float
     expires_at: float

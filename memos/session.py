@@ -20,7 +20,7 @@ class Session:
         return {"pong": True, "pid": os.getpid(), "protocol": catalog.PROTOCOL_VERSION}
 
     def whoami(self, actor: Actor) -> dict[str, Any]:
-        return {"agent": actor.name, "admin": actor.admin}
+        return {"agent": actor.name, "id": actor.key, "admin": actor.admin}
 
 
 class JobControl:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import shutil
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -17,7 +19,7 @@ from typing import Any, TypeVar
 
 import lmdb
 
-from . import codec
+from . import codec, tokens
 from .errors import InvalidRequest, MemosError, StorageError, TooLarge
 
 log = logging.getLogger(__name__)
@@ -37,8 +39,9 @@ DATABASES: dict[str, str] = {
     "blob_refs": "sha256 hex -> u64 count of version records referring to it",
     "cube_blobs": "cube\\0sha256 hex -> u64 count of that cube's version records using it",
     "usage": "cube\\0memory id -> Usage record",
-    "agents": "agent name -> Agent record (hashed token, created)",
-    "requests": "agent\\0request id -> {time, reply}: a write's stored reply (idempotent retries)",
+    "agents": "agent name -> Agent record (stable id, salted token hash, created)",
+    "agent_ids": "agent id -> agent name (ids are what cubes' owners and access lists hold)",
+    "requests": "agent id (or admin)\\0request id -> {time, reply}: a write's stored reply (idempotent retries)",
     "proposals": "proposal id -> rollback proposal record",
     "policy_runs": "run id -> policy run record (what a policy looked at, did and why)",
     "policy_state": "policy name -> {last run, its time}: schedules resume from it after a restart",
@@ -46,10 +49,13 @@ DATABASES: dict[str, str] = {
 }
 # Memory types declare their own sub-databases; they are opened as "<type>/<name>".
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # from-version -> function upgrading a store in place to from-version + 1.
 Migration = Callable[["Store", lmdb.Transaction], None]
+
+
+_REWRITE_PENDING = b"rewrite_pending"  # meta: the file still holds freed pages that must go
 
 
 def request_time_key(stored_at: float, key: bytes) -> bytes:
@@ -75,7 +81,43 @@ def _vectors_to_plaintext(store: Store, txn: lmdb.Transaction) -> None:
     txn.drop(old, delete=True)
 
 
-MIGRATIONS: dict[int, Migration] = {1: _index_stored_replies, 2: _vectors_to_plaintext}
+def _agent_ids(store: Store, txn: lmdb.Transaction) -> None:
+    """Schema 4: agents get stable ids, which cubes and stored replies reference instead of names;
+    token hashes get a salt; stored replies that held a token are forgotten."""
+    agents, ids, cubes = store.db["agents"], store.db["agent_ids"], store.db["cubes"]
+    by_name = {"admin": "admin"}
+    for key, raw in list(txn.cursor(db=agents)):
+        record = codec.unpack(raw)
+        if "id" not in record:
+            record["id"] = "agent:" + secrets.token_hex(8)
+            record["salt"] = tokens.new_salt()
+            record["token_hash"] = tokens.salted_from_plain(record["salt"], record.pop("token_sha256"))
+            txn.put(bytes(key), codec.pack(record), db=agents)
+        txn.put(record["id"].encode(), bytes(key), db=ids)
+        by_name[record["name"]] = record["id"]
+    for key, raw in list(txn.cursor(db=cubes)):
+        cube = codec.unpack(raw)  # an owner no agent holds any more: the administrator's now
+        cube["owner"] = by_name.get(cube["owner"], "admin")
+        cube["acl"] = {by_name[name]: role for name, role in cube["acl"].items() if name in by_name}
+        txn.put(bytes(key), codec.pack_unsorted(cube), db=cubes)
+    requests, times = store.db["requests"], store.db["request_times"]
+    for key, raw in list(txn.cursor(db=requests)):
+        key = bytes(key)
+        stored = codec.unpack(raw)
+        txn.delete(key, db=requests)
+        txn.delete(request_time_key(stored["time"], key), db=times)
+        result = (stored.get("reply") or {}).get("result")
+        if isinstance(result, dict) and "token" in result:
+            # A token must not stay in the store, nor on the page that held it.
+            txn.put(_REWRITE_PENDING, b"", db=store.db["meta"])
+            continue
+        name, _, rid = key.partition(b"\0")
+        moved = by_name.get(name.decode(), name.decode()).encode() + b"\0" + rid
+        txn.put(moved, codec.pack_unsorted(stored), db=requests)
+        txn.put(request_time_key(stored["time"], moved), b"", db=times)
+
+
+MIGRATIONS: dict[int, Migration] = {1: _index_stored_replies, 2: _vectors_to_plaintext, 3: _agent_ids}
 
 
 @dataclass(frozen=True)
@@ -181,6 +223,23 @@ class Store:
         self._gate = _ResizeGate()
         os.makedirs(self.path, mode=0o700, exist_ok=True)
         os.chmod(self.path, 0o700)
+        self._open()
+        try:
+            self._migrate()
+            with self.read() as txn:
+                pending = txn.get(_REWRITE_PENDING, db=self.db["meta"]) is not None
+            if pending:  # set by a migration, cleared once done: a crash in between redoes it
+                self._rewrite_live_pages()
+                self.write(lambda txn: txn.delete(_REWRITE_PENDING, db=self.db["meta"]))
+        except BaseException as exc:
+            # An environment left open blocks every later open of this path in
+            # this process, so a refused store must be closed before raising.
+            self.env.close()
+            if isinstance(exc, lmdb.Error):
+                raise _translate(exc) from exc
+            raise
+
+    def _open(self) -> None:
         try:
             self.env = lmdb.open(
                 self.path,
@@ -198,14 +257,34 @@ class Store:
             if stale:
                 log.warning("cleared %d stale LMDB reader slots", stale)
             self.db = {name: self.env.open_db(name.encode()) for name in self.databases}
-            self._migrate()
-        except BaseException as exc:
-            # An environment left open blocks every later open of this path in
-            # this process, so a refused store must be closed before raising.
+        except BaseException:
             self.env.close()
-            if isinstance(exc, lmdb.Error):
-                raise _translate(exc) from exc
             raise
+
+    def _rewrite_live_pages(self) -> None:
+        """Replace the file by a compacting copy of itself: pages a migration freed (which LMDB
+        keeps, bytes and all, until it reuses them) are gone from the disk too. A crash leaves
+        the old file or the new one, each a whole store: the rename is atomic."""
+        folder = os.path.join(self.path, "compacting")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.mkdir(folder, mode=0o700)
+        self.env.copy(folder, compact=True)
+        copy = os.path.join(folder, "data.mdb")
+        fd = os.open(copy, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.env.close()
+        os.replace(copy, os.path.join(self.path, "data.mdb"))
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself
+        finally:
+            os.close(fd)
+        os.rmdir(folder)
+        self._open()
+        log.info("store rewritten without freed pages", extra={"path": self.path})
 
     # -- schema ---------------------------------------------------------
 

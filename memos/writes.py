@@ -26,6 +26,8 @@ class Applied:
     version: int | None = None
     memories: list[str] = field(default_factory=list)
     detail: dict[str, Any] = field(default_factory=dict)  # more for the audit record
+    # The result holds a secret shown only once (a token): it is never stored for retries.
+    secret: bool = False
 
 
 @dataclass

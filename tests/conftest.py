@@ -18,11 +18,26 @@ if str(TOYTYPE) not in sys.path:
 
 import pytest
 
+from memos import codec
 from memos.api import LOCAL_ADMIN, Actor, Memos
 
-ALICE = Actor("alice")
-BOB = Actor("bob")
-CAROL = Actor("carol")
+# Agents with ids fixed for readable tests; the memos fixture registers them.
+ALICE = Actor("alice", id="agent:alice")
+BOB = Actor("bob", id="agent:bob")
+CAROL = Actor("carol", id="agent:carol")
+
+
+def register(m: Memos, *actors: Actor) -> None:
+    """Agent records for ``actors`` with their fixed ids (agent_add would draw random ones)."""
+
+    def put(txn):
+        for actor in actors:
+            record = {"id": actor.id, "name": actor.name, "created_at": 0.0, "created_by": "admin",
+                      "salt": "00", "token_hash": "00"}
+            txn.put(actor.name.encode(), codec.pack(record), db=m.store.db["agents"])
+            txn.put(actor.id.encode(), actor.name.encode(), db=m.store.db["agent_ids"])
+
+    m.store.write(put)
 
 
 @pytest.fixture
@@ -33,6 +48,7 @@ def store_dir(tmp_path):
 @pytest.fixture
 def memos(store_dir):
     m = Memos(store_dir)
+    register(m, ALICE, BOB, CAROL)
     yield m
     m.close()
 

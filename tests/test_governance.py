@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import ALICE, BOB, CAROL, audit_seq, observable
+from conftest import ALICE, BOB, CAROL, audit_seq, observable, register
 from memos import clock
 from memos.api import LOCAL_ADMIN, Memos
 from memos.errors import ConfigError, Conflict, Denied, Expired, InvalidRequest, NotFound
@@ -40,6 +40,7 @@ def now(monkeypatch):
 @pytest.fixture
 def gov(store_dir, now):
     m = Memos(store_dir, governance=RULES)
+    register(m, ALICE, BOB, CAROL)
     m.create_cube(ALICE, "team")
     for agent, role in (("bob", "admin"), ("carol", "write")):
         m.grant(ALICE, "team", agent, role)
@@ -101,6 +102,7 @@ def test_a_proposal_is_applied_by_another_admin_exactly(gov, edited):
 def test_an_agent_denied_rollback_cannot_approve_one(store_dir, now):
     rules = Governance(rule=[Rule(agents=["bob"], rollback="deny"), Rule(rollback="propose")])
     with Memos(store_dir, governance=rules) as m:
+        register(m, ALICE, BOB, CAROL)
         m.create_cube(ALICE, "team")
         m.grant(ALICE, "team", "bob", "admin")
         mem = m.add(ALICE, "team", "a")

@@ -33,7 +33,7 @@ def old_store(tmp_path) -> Path:
 
 def test_the_previous_schema_is_upgraded_in_place(old_store):
     with Memos(old_store) as m:
-        assert m.store.schema_version == storage.SCHEMA_VERSION == 3
+        assert m.store.schema_version == storage.SCHEMA_VERSION == 4
         stats = m.store.stats()
         assert stats["plaintext/vectors"] == 5  # every text's vector, moved to the type's own sub-database
         with m.store.read() as txn:
@@ -46,6 +46,16 @@ def test_the_previous_schema_is_upgraded_in_place(old_store):
         assert m.get(LOCAL_ADMIN, "notes", ADA, at=2).text == "Ada prefers tea in the morning"
         assert len(m.list(LOCAL_ADMIN, "notes")) == 2  # the rollback to version 3 undid the add_many
         assert m.audit_verify(LOCAL_ADMIN).ok
+        # Schema 4: the agent has a stable id, and its grant references the id, shown by name.
+        (planner,) = m.agents.list(LOCAL_ADMIN)
+        assert planner.name == "planner" and planner.id.startswith("agent:")
+        with m.store.read() as txn:
+            stored = m.ledger.cube(txn, "notes")
+        assert planner.id in stored.acl and "planner" not in stored.acl
+        assert m.get_cube(LOCAL_ADMIN, "notes").acl["planner"] == "read"
+        assert m.agents.authenticate(TOKEN).id == planner.id  # the token still works, now salted
+    secret = TOKEN.split(".", 1)[1].encode()
+    assert secret not in (old_store / "data.mdb").read_bytes()  # the stored reply that held it is gone
 
 
 def test_memosd_serves_an_upgraded_store_without_embedding_again(old_store):
