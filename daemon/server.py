@@ -10,22 +10,23 @@ Threads and who owns what:
   their replies come back over an inproc PULL socket and go out.
 * **workers** run the slower reads against LMDB snapshots (and decode frames
   too big to decode on the main thread).
-* the **writer** (``writer.py``) owns LMDB writes, group commit and the PUB
-  socket of change events.
+* the **writer** (``writer.py``) owns LMDB writes and group commit; after
+  each commit it hands change events to the watchers (``watchers.py``).
 * memory types (``types.py``) run their own threads behind the contract of
   :mod:`memos.memtypes`; the daemon knows them only through it.
 * the **ZAP thread** answers libzmq's authentication hook: it sees each
-  connecting peer's uid and refuses users other than ours (and allowed ones).
+  connecting peer's uid and refuses users other than ours (and allowed ones);
+  ``identity.py`` then authenticates each request.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import gc
 import logging
 import os
-import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,23 +45,23 @@ from memos.errors import (
     InternalError,
     InvalidRequest,
     MemosError,
-    Unauthenticated,
     Unavailable,
     UnknownOperation,
 )
 from memos.liveness import check_daemon
 from memos.models import plain
 from memos.operations import Route, bind
-from memos.writes import Write
 
+from .audit_export import CheckpointExport
+from .identity import Identity, group_id, private_dir
 from .scheduler import Scheduler
 from .types import MemoryTypes
+from .watchers import Watcher, Watchers
 from .writer import Job, Writer, wait_for
 
 log = logging.getLogger("memosd")
 
 _OUT = "inproc://memosd-out"
-_ZAP = "inproc://zeromq.zap.01"
 _MAX_IN_FLIGHT = 10_000  # past this the ROUTER is not read, so zmq's HWM pushes back
 _INLINE_MAX_FRAME = 64 << 10
 _PARTIAL = b"partial"  # third frame of a partial reply on its way to the main thread
@@ -69,17 +70,6 @@ _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 _SNDMORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
 _ANONYMOUS = Actor("anonymous")  # who a request that fails before authentication is audited as
 _ENDS_TOKENS = ("agent_remove", "agent_rotate")  # after their commit, tokens checked before are forgotten
-
-
-def private_dir(path: Path) -> Path:
-    """Create ``path`` 0700, or check that an existing one is ours and closed to others."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = path.stat()
-    if info.st_uid != os.getuid():
-        raise ConfigError(f"{path} belongs to uid {info.st_uid}, not to this user")
-    if stat.S_IMODE(info.st_mode) & 0o077:
-        raise ConfigError(f"{path} is open to other users (mode {stat.S_IMODE(info.st_mode):o}); use 0700")
-    return path
 
 
 class _Lock:
@@ -121,45 +111,47 @@ class Server:
         self.settings = settings
         self.cfg = settings.daemon
         self.socket_path = self.cfg.socket_path()
-        self.events_path = Path(f"{self.socket_path}.events")
         self._stop = threading.Event()
         self._local = threading.local()
         self._in_flight = 0
         self._out_sockets: list[zmq.Socket] = []
         self._out_lock = threading.Lock()
-        self._tokens: dict[str, Actor] = {}
-        self._tokens_lock = threading.Lock()
-        self._tokens_generation = 0  # bumped by forget_tokens: older lookups are not cached
 
     # -- lifecycle ------------------------------------------------------
 
     def start(self) -> None:
-        private_dir(self.socket_path.parent)
+        group = None if self.cfg.socket_group is None else group_id(self.cfg.socket_group)
+        private_dir(self.socket_path.parent, group)
         self._socket_lock = _Lock(Path(f"{self.socket_path}.lock"), "socket")
         data_dir = private_dir(Path(self.cfg.data_dir).expanduser())
         self._data_lock = _Lock(data_dir / "memosd.lock", "data folder")
-        for stale in (self.socket_path, self.events_path):
-            if stale.exists():  # we hold the lock, so no memosd made it; is another program there?
-                try:
-                    check_daemon(stale)
-                except Unavailable:  # nobody listens: left by a memosd that was killed
-                    log.info("removing stale socket %s", stale)
-                    stale.unlink()
-                else:
-                    raise ConfigError(f"another program listens on {stale}; memosd will not take its socket over")
+        if self.socket_path.exists():  # we hold the lock, so no memosd made it; is another program there?
+            try:
+                check_daemon(self.socket_path)
+            except Unavailable:  # nobody listens: left by a memosd that was killed
+                log.info("removing stale socket %s", self.socket_path)
+                self.socket_path.unlink()
+            else:
+                raise ConfigError(f"another program listens on {self.socket_path}; "
+                                  "memosd will not take its socket over")
         if self.cfg.clock_file is not None:
             clock.use_file(self.cfg.clock_file)
         self.types = MemoryTypes(self.settings, data_dir)
         self.memos = self.types.memos
+        self.audit_export = CheckpointExport.start(self.settings, data_dir, self.memos)
+        self.identity = Identity(self.cfg, self.memos)
+        self.identity.ensure_admin_token()
         self.routes: dict[str, Route] = self.memos.routes()
         self.scheduler = Scheduler(self.memos, self.cfg.policies, self.perform,
                                    functools.partial(wait_for, self._commit), self.routes)
-        self.routes.update(bind([self.scheduler]))
+        self.watchers = Watchers(self.memos, self._send_partial, self.cfg.max_watchers)
+        self.routes.update(bind([self.scheduler, self.watchers]))
         self.zmq = zmq.Context()
         self._pull = self.zmq.socket(zmq.PULL)
         self._pull.bind(_OUT)
         self._zap_ready = threading.Event()
-        self._zap_thread = threading.Thread(target=self._zap_loop, name="memosd-zap", daemon=True)
+        self._zap_thread = threading.Thread(target=self.identity.zap_loop, name="memosd-zap", daemon=True,
+                                            args=(self.zmq, self._stop, self._zap_ready))
         self._zap_thread.start()
         self._zap_ready.wait()
         self.router = self.zmq.socket(zmq.ROUTER)
@@ -168,14 +160,13 @@ class Server:
         self.router.setsockopt(zmq.MAXMSGSIZE, 2 * self.cfg.max_message_bytes)  # hard cap; soft check replies
         self.router.setsockopt(zmq.LINGER, 1000)
         self.router.bind(f"ipc://{self.socket_path}")
-        self.pub = self.zmq.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.ZAP_DOMAIN, b"memos")
-        self.pub.bind(f"ipc://{self.events_path}")
-        self._pub_lock = threading.Lock()
-        self._pub_closed = False
         self.memos.jobs.listen(self._publish_job)
-        os.chmod(self.socket_path, 0o600)
-        os.chmod(self.events_path, 0o600)
+        # The folder (0700, or 0710 for the group) keeps others out until this mode is set.
+        if group is None:
+            os.chmod(self.socket_path, 0o600)
+        else:
+            os.chown(self.socket_path, -1, group)
+            os.chmod(self.socket_path, 0o660)
         self.pool = ThreadPoolExecutor(self.cfg.read_workers, thread_name_prefix="memosd-worker")
         self.writer = Writer(self.memos, max_group=self.cfg.max_group,
                              retention_s=self.cfg.request_retention_s, publish=self._publish,
@@ -214,20 +205,20 @@ class Server:
         self.types.stop()  # writes being prepared reach the writer first
         self.writer.stop()
         self.types.close()
+        self.audit_export.stop()  # after the last write: the final head is signed
         while self._in_flight > 0 and self._pull.poll(2000):
             self._forward()
         self.memos.close()
+        for watcher in self.watchers.close():  # their streams end: the daemon is going
+            self._send_now(watcher.identity)(p.ok_reply(watcher.request_id, None))
         self._zap_thread.join()  # it sees _stop within one poll; its socket must close before term()
         with self._out_lock:
             for sock in self._out_sockets:
                 sock.close(linger=0)
-        with self._pub_lock:
-            self._pub_closed = True
-        for sock in (self.router, self.pub, self._pull):
+        for sock in (self.router, self._pull):
             sock.close(linger=1000)
         self.zmq.term()
-        for path in (self.socket_path, self.events_path):
-            path.unlink(missing_ok=True)
+        self.socket_path.unlink(missing_ok=True)
         self._socket_lock.release()
         self._data_lock.release()
         log.info("memosd stopped")
@@ -270,6 +261,8 @@ class Server:
                     self.router.send(frames[1], _NOBLOCK)
                 except zmq.ZMQError as exc:
                     log.debug("partial reply dropped: %s", exc)
+                    if exc.errno == errno.EHOSTUNREACH:  # the client has gone: so has its watch
+                        self.watchers.drop(frames[0])
                 continue
             for i in range(0, len(frames), 2):
                 self._in_flight -= 1
@@ -306,10 +299,11 @@ class Server:
             self._out().send_multipart(frames)
 
     def _publish(self, cube: str, event: dict[str, Any]) -> None:
-        # The writer and the jobs' threads publish: a ZeroMQ socket is used by one thread at a time.
-        with self._pub_lock:
-            if not self._pub_closed:
-                self.pub.send_multipart([cube.encode(), p.encode(event)])
+        self.watchers.publish(cube, event)
+
+    def _send_partial(self, identity: bytes, frame: bytes) -> None:
+        """A watcher's event: to the main thread, which owns the ROUTER (the writer and jobs publish)."""
+        self._out().send_multipart([identity, frame, _PARTIAL])
 
     def _publish_job(self, job: dict[str, Any]) -> None:
         self._publish(job["cube"] or "", {"op": "job", "cube": job["cube"] or "", "actor": "memosd",
@@ -337,9 +331,11 @@ class Server:
             if isinstance(message.get("op"), str):
                 op = message["op"][:64]
             envelope, route, args = p.parse_request(message, self.routes)
-            actor = self._authenticate(uid, envelope.token)
+            actor = self.identity.authenticate(uid, envelope.token)
             where = route.op.where
-            if where == "writer":
+            if envelope.op == "watch":  # stays open, its events sent as they come: never in flight
+                self.watchers.add(Watcher(identity, actor, args.cube, envelope.id))
+            elif where == "writer":
                 write = route(actor, args, envelope.id)
                 hand_off()
                 reply = self._forgetting_tokens(queued) if envelope.op in _ENDS_TOKENS else queued
@@ -403,63 +399,20 @@ class Server:
             reply(p.ok_reply(envelope.id, result))
 
     def _fail(self, actor: Actor, op: str, rid: str | None, exc: MemosError, reply) -> None:
-        """Audit a request refused before it reached the store (via the writer), then answer."""
-
-        def fail(txn: Any) -> Any:
-            raise exc
-
-        self.writer.submit(Job(actor, rid or "", Write(actor, op, None, fail), reply, idempotent=False))
-
-    def _authenticate(self, uid: str | None, token: str | None) -> Actor:
-        if token is not None:
-            actor = self._tokens.get(token)
-            if actor is None:
-                generation = self._tokens_generation
-                actor = self.memos.agents.authenticate(token)
-                with self._tokens_lock:
-                    # A token checked against a snapshot older than a removal
-                    # that has since forgotten tokens must not be cached.
-                    if generation == self._tokens_generation:
-                        self._tokens[token] = actor
-            return actor
-        if uid == str(os.getuid()):
-            return LOCAL_ADMIN
-        raise Unauthenticated("this user must present an agent token")
-
-    def forget_tokens(self) -> None:
-        with self._tokens_lock:
-            self._tokens_generation += 1
-            self._tokens.clear()
+        """Answer a request refused before it reached the store; its audit record goes with the
+        writer's next group commit (memos.refusals), so a refusal never waits for a disk."""
+        self.memos.core.refused(actor, op, None, exc, rid)
+        reply(p.error_reply(rid, exc))
 
     def _forgetting_tokens(self, reply):
         """Wrap an agent_remove's reply: once its commit is durable, drop verified tokens."""
 
         def send(message: dict[str, Any]) -> None:
-            self.forget_tokens()  # runs in the writer after the commit, before the reply leaves
+            self.identity.forget_tokens()  # runs in the writer after the commit, before the reply leaves
+            result = message.get("result") if message.get("ok") else None
+            if isinstance(result, dict) and result.get("name") == LOCAL_ADMIN.name and "token" in result \
+                    and self.cfg.require_token:
+                self.identity.write_admin_token(result["token"])  # the operator's file follows a rotation
             reply(message)
 
         return send
-
-    # -- ZAP ----------------------------------------------------------------
-
-    def _zap_loop(self) -> None:
-        sock = self.zmq.socket(zmq.REP)
-        sock.bind(_ZAP)
-        sock.setsockopt(zmq.LINGER, 0)
-        self._zap_ready.set()
-        allowed = {os.getuid(), *self.cfg.allow_uids}
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        while not self._stop.is_set():
-            if not poller.poll(200):
-                continue
-            version, request_id, _domain, address, *_ = sock.recv_multipart()
-            # For ipc peers libzmq passes "<host>:<uid>:<gid>:<pid>" as the address.
-            parts = address.decode(errors="replace").split(":")
-            uid = int(parts[-3]) if len(parts) >= 3 and parts[-3].isdigit() else None
-            if uid in allowed:
-                sock.send_multipart([version, request_id, b"200", b"OK", str(uid).encode(), b""])
-            else:
-                log.warning("refused connection from uid %s", uid)
-                sock.send_multipart([version, request_id, b"400", b"user not allowed", b"", b""])
-        sock.close()

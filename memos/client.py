@@ -26,7 +26,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from . import catalog
+from . import catalog, watching
 from . import protocol as p
 from .errors import InvalidRequest, MemosError, Timeout, TooLarge, Unavailable, from_wire
 from .extraction import messages_to_memories
@@ -251,18 +251,10 @@ class AsyncClient:
         return await AsyncClient.add_many(self, cube, items)
 
     async def events(self, cube: str | None = None) -> AsyncIterator[Event]:
-        """Change events as they happen, for one cube or all."""
-        sub = self._ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.connect(f"ipc://{self.socket_path}.events")
-        sub.setsockopt(zmq.SUBSCRIBE, cube.encode() if cube else b"")
-        try:
-            while True:
-                topic, body = await sub.recv_multipart()
-                if cube is None or topic == cube.encode():
-                    yield Event.model_validate(p.decode(body, 1 << 30))
-        finally:
-            sub.close(linger=0)
+        """Change events as they happen, of one cube or of every cube this agent may read
+        (:mod:`memos.watching`); ends when memosd stops, raises Unavailable if it dies."""
+        async for event in watching.follow_async(self, cube):
+            yield event
 
 
 def declared_operations() -> dict[str, Operation]:
@@ -313,7 +305,8 @@ def _operation_method(op: Operation) -> Callable[..., Any]:
 
 OPERATIONS = declared_operations()
 for _op in OPERATIONS.values():
-    setattr(AsyncClient, _op.name, _operation_method(_op))
+    if _op.name != "watch":  # events() makes it: the stream stays open
+        setattr(AsyncClient, _op.name, _operation_method(_op))
 
 
 class Client(AsyncClient):
@@ -407,27 +400,14 @@ class Client(AsyncClient):
         self._local = threading.local()
 
     def events(self, cube: str | None = None, timeout: float | None = None) -> Iterator[Event]:  # type: ignore[override]
-        """Change events; stops after ``timeout`` seconds without one (None: never).
+        """Change events of one cube, or of every cube this agent may read; stops after ``timeout``
+        seconds without one (None: never), or when memosd stops.
 
-        The subscription is made when this returns, not at the first ``next``:
-        a caller can subscribe, then start what it wants to watch. (ZeroMQ
-        needs a moment, well under a second, to carry it to the daemon.)
+        The subscription is acknowledged before this returns, not at the first ``next``: a
+        caller can subscribe, then start what it wants to watch. A cube this agent may not
+        read raises here (Denied, NotFound). See :mod:`memos.watching`.
         """
-        sub = zmq.Context.instance().socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.connect(f"ipc://{self.socket_path}.events")
-        sub.setsockopt(zmq.SUBSCRIBE, cube.encode() if cube else b"")
-        return self._events(sub, cube, timeout)
-
-    @staticmethod
-    def _events(sub: zmq.Socket, cube: str | None, timeout: float | None) -> Iterator[Event]:
-        try:
-            while sub.poll(None if timeout is None else int(timeout * 1000)):
-                topic, body = sub.recv_multipart()
-                if cube is None or topic == cube.encode():
-                    yield Event.model_validate(p.decode(body, 1 << 30))
-        finally:
-            sub.close(linger=0)
+        return watching.follow(self, cube, timeout)
 
     def __enter__(self) -> Client:
         return self

@@ -3,8 +3,8 @@
 Transport: ZeroMQ. The daemon binds a ROUTER on ``ipc://<runtime_dir>/memosd.sock``;
 a client connects a DEALER and sends **one frame per request**. The daemon
 answers with one frame on the same connection. Replies may arrive out of order:
-match them by ``id``. Change events go out on a PUB socket next to it
-(``memosd.sock.events``): two frames, the cube name (the topic) and an event map.
+match them by ``id``. Change events come as partial replies to a ``watch``
+request, which stays open (see below).
 
 Every frame is one msgpack map (no ext types; binary fields are msgpack bin).
 
@@ -18,6 +18,7 @@ Request::
      "args": {...},          # the operation's arguments, validated by its Operation.args
      "token": "name.secret"} # agent token from `memosctl agent add`; omitted by the
                              #   daemon's own user acting as local administrator
+                             #   (unless the daemon requires tokens from everyone)
 
 Reply::
 
@@ -35,10 +36,11 @@ Error codes are those of :mod:`memos.errors` (``invalid_request``, ``too_large``
 ``conflict``, ``storage_error``, ``unavailable``, ``internal``...). A frame
 that cannot be decoded still gets a reply with ``id`` null.
 
-Event (PUB), a :class:`memos.models.Event`::
+Event, a :class:`memos.models.Event`, the ``partial`` of a ``watch`` reply (the
+first one, of op ``watch``, acknowledges the subscription)::
 
-    [b"<cube>", {"op": "add", "cube": "<cube>", "version": 7, "actor": "agent-a",
-                 "memories": ["01J..."], "time": 1764159000.1}]
+    {"op": "add", "cube": "<cube>", "version": 7, "actor": "agent-a",
+     "memories": ["01J..."], "time": 1764159000.1}
 """
 
 from __future__ import annotations
