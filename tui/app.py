@@ -144,18 +144,25 @@ class MemosApp(App[None]):
 
     @work(exclusive=True, group="events")
     async def follow_events(self) -> None:
-        async for event in self.client.events():
-            if event.op == "job" and event.job is not None:
-                self.pane("scheduler").job(event.job)
-                continue
-            due = {"cubes", "audit"} | ({"memories", "history"} if event.cube == self.cube else set())
-            if event.op.startswith("rollback_"):
-                due.add("history")
-            if event.actor.startswith("policy:"):
-                due.add("scheduler")
-            if not self._due:
-                self.set_timer(0.2, self._reload_due)
-            self._due |= due
+        try:
+            async for event in self.client.events():
+                self._note(event)
+        except MemosError:  # the daemon went away, or refused the watch
+            pass
+        self.connected = False  # the stream is over: the connection check follows events again
+
+    def _note(self, event: Any) -> None:
+        if event.op == "job" and event.job is not None:
+            self.pane("scheduler").job(event.job)
+            return
+        due = {"cubes", "audit"} | ({"memories", "history"} if event.cube == self.cube else set())
+        if event.op.startswith("rollback_"):
+            due.add("history")
+        if event.actor.startswith("policy:"):
+            due.add("scheduler")
+        if not self._due:
+            self.set_timer(0.2, self._reload_due)
+        self._due |= due
 
     async def _reload_due(self) -> None:
         """Reload the tab on screen; the others when they are next shown (counting every cube's
