@@ -23,6 +23,7 @@ from . import validation as check
 from .access import LOCAL_ADMIN, Actor
 from .core import Core
 from .errors import Conflict, Denied, InvalidRequest, NotFound, Unauthenticated
+from .storage import request_time_key
 from .writes import Applied, Write
 
 RESERVED = {"admin"}  # the local administrator's name; never an agent's
@@ -138,8 +139,6 @@ class Agents:
         return grants, owned
 
     def _forget_replies(self, txn: lmdb.Transaction, agent_id: str) -> int:
-        from .storage import request_time_key  # the store's key layout, kept where it is declared
-
         requests, times = self.core.store.db["requests"], self.core.store.db["request_times"]
         prefix = f"{agent_id}\0".encode()
         cur = txn.cursor(db=requests)
