@@ -7,7 +7,7 @@ one collaborator per concern, each declaring its operations:
 * :class:`~memos.cubes.Cubes` — cubes and their access lists;
 * :class:`~memos.memories.Memories` — add, update, delete, reads;
 * :class:`~memos.versions.Versions` — history, diff, rollback;
-* :class:`~memos.auditing.AuditAdmin` — verify, tail, checkpoint;
+* :class:`~memos.auditing.AuditAdmin` — verify, tail, checkpoint, sign, archive;
 * :class:`~memos.agents.Agents` — agents and their tokens;
 * :class:`~memos.session.Session` and :class:`~memos.session.JobControl` — ping, whoami, jobs.
 
@@ -27,6 +27,7 @@ from typing import Any
 from .access import LOCAL_ADMIN, Actor
 from .agents import Agents
 from .auditing import AuditAdmin
+from .checkpoints import CheckpointLog
 from .core import Core
 from .cubes import Cubes
 from .errors import MemosError
@@ -56,10 +57,12 @@ class Memos:
     def __init__(
         self, path: str | os.PathLike[str], *, options: StoreOptions | None = None,
         limits: Limits | None = None, types: Mapping[str, MemoryType] | None = None,
-        governance: Governance | None = None,
+        governance: Governance | None = None, checkpoints: CheckpointLog | None = None,
     ) -> None:
         """``types``: memory-type instances by name; default: one of each registered type.
-        ``governance``: the rules of rollback; default: every cube admin rolls back directly."""
+        ``governance``: the rules of rollback; default: every cube admin rolls back directly.
+        ``checkpoints``: the key and file that signed audit checkpoints go to; default: none
+        (``audit_sign`` and ``audit_archive`` are refused)."""
         self.types = dict(types) if types is not None else {n: cls() for n, cls in load_types().items()}
         store = Store(path, options, extra_databases=type_databases(self.types))
         self.core = Core(store, limits or Limits(), self.types, governance)
@@ -67,7 +70,7 @@ class Memos:
         self.memories = Memories(self.core)
         self.versions = Versions(self.core)
         self.proposals = Proposals(self.core)
-        self.audit_admin = AuditAdmin(self.core)
+        self.audit_admin = AuditAdmin(self.core, checkpoints)
         self.agents = Agents(self.core)
         self.jobs = Jobs()
         self.parts: tuple[Any, ...] = (Session(), self.cubes, self.memories, self.versions, self.proposals,

@@ -5,22 +5,27 @@ including that link, so changing, removing or reordering any record breaks the
 chain from that point. Records are appended inside the transaction of the
 change they describe, so a change is durable exactly when its record is.
 Truncating the tail leaves a valid chain: an exported :class:`Checkpoint`
-(sequence number + head hash) is what detects that.
+(sequence number + head hash) is what detects that, and a signed one
+(:mod:`memos.checkpoints`) also detects a chain rewritten and re-hashed.
+Records before a signed checkpoint may be archived (:mod:`memos.auditing`):
+the store then keeps a :class:`Boundary`, where its chain begins.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import lmdb
 
 from . import clock, codec
 from .errors import IntegrityError
-from .models import AuditRecord, Checkpoint, VerifyReport
+from .models import AuditRecord, Boundary, Checkpoint, VerifyReport
 from .storage import Store
 
 GENESIS = "0" * 64
 _HEAD_KEY = b"audit_head"
+_START_KEY = b"audit_start"  # the Boundary, once records were archived
 _DETAIL_LIMIT = 100  # ids listed per record; the commit holds the full list
 
 
@@ -71,39 +76,138 @@ class AuditLog:
         out.reverse()
         return out
 
-    def verify(self, txn: lmdb.Transaction, checkpoint: Checkpoint | None = None) -> VerifyReport:
-        """Walk the whole chain; report the first record that does not hold."""
-        expected, prev, count = 1, GENESIS, 0
-        hashes_at_checkpoint: str | None = None
+    def boundary(self, txn: lmdb.Transaction) -> Boundary:
+        """Where the chain kept in the store begins (record 1 until records are archived)."""
+        raw = txn.get(_START_KEY, db=self.meta)
+        return Boundary() if raw is None else Boundary.model_validate(codec.unpack(raw))
+
+    def records(self, txn: lmdb.Transaction, first: int, before: int) -> list[bytes]:
+        """The stored bytes of records ``first`` to ``before - 1``."""
+        out: list[bytes] = []
+        cur = txn.cursor(db=self.db)
+        if cur.set_range(codec.u64(first)):
+            for key, raw in cur:
+                if codec.from_u64(key) >= before:
+                    break
+                out.append(bytes(raw))
+        return out
+
+    def cut(self, txn: lmdb.Transaction, before: int, prev: str) -> None:
+        """Remove the records before ``before``; the chain kept now begins there, after ``prev``."""
+        cur = txn.cursor(db=self.db)
+        while cur.first() and codec.from_u64(cur.key()) < before:
+            cur.delete()
+        txn.put(_START_KEY, codec.pack_unsorted(Boundary(seq=before, prev=prev).model_dump()), db=self.meta)
+
+    def verify(self, txn: lmdb.Transaction, checkpoints: Sequence[tuple[str, Checkpoint]] = (),
+               archived: Iterable[tuple[int, Any]] | None = None,
+               vouched: Sequence[Boundary] | None = None) -> VerifyReport:
+        """Walk the chain; report the first record that does not hold.
+
+        ``checkpoints``: (name, checkpoint) pairs each record they name must match.
+        ``archived``: (seq, record) of records moved out by an archive, oldest first:
+        the walk then starts at genesis and the store must continue them. Without
+        them it starts at the store's boundary, which, when ``vouched`` (the
+        boundaries signed checkpoints name) is given, must be one of those.
+        """
+        start = self.boundary(txn)
+        walk = _Walk(Boundary() if archived is not None else start, checkpoints)
+        report = walk.bad or self._walk(txn, walk, start, archived, vouched)
+        report.boundary, report.checkpoints, report.unchecked = start, walk.checked, walk.unchecked
+        return report
+
+    def _walk(self, txn: lmdb.Transaction, walk: _Walk, start: Boundary,
+              archived: Iterable[tuple[int, Any]] | None, vouched: Sequence[Boundary] | None) -> VerifyReport:
+        if archived is not None:
+            for seq, record in archived:
+                if not walk.step(seq, record):
+                    return walk.bad
+            if walk.expected != start.seq or walk.prev != start.prev:
+                return _bad(walk.count, walk.expected, f"the archives end at record {walk.expected - 1}, but the "
+                            f"store's chain begins after record {start.seq - 1} (hash {start.prev[:12]})")
+        elif vouched is not None and start.seq > 1 and start not in vouched:
+            return _bad(0, 1, f"records 1 to {start.seq - 1} are gone from the store and no signed checkpoint "
+                              f"names a boundary at record {start.seq}: they were removed without `audit archive`")
         for key, raw in txn.cursor(db=self.db):
-            seq = codec.from_u64(key)
-            if seq != expected:
-                return _bad(count, expected, f"record {expected} is missing (next present is {seq})")
-            try:
-                record = AuditRecord.model_validate(codec.unpack(raw))
-            except (IntegrityError, ValueError) as exc:
-                return _bad(count, seq, f"record {seq} cannot be decoded: {exc}")
-            if record.seq != seq:
-                return _bad(count, seq, f"record {seq} claims sequence {record.seq}")
-            if record.prev != prev:
-                return _bad(count, seq, f"record {seq} does not chain to record {seq - 1}")
-            if codec.sha256_hex(record.body_bytes()) != record.hash:
-                return _bad(count, seq, f"record {seq} was altered (hash mismatch)")
-            if checkpoint is not None and seq == checkpoint.seq:
-                hashes_at_checkpoint = record.hash
-            prev, expected, count = record.hash, seq + 1, count + 1
-        last = expected - 1
+            if not walk.step(codec.from_u64(key), raw):
+                return walk.bad
+        return walk.finish(self.head(txn))
+
+    def extends(self, txn: lmdb.Transaction, last: Checkpoint) -> str | None:
+        """Why the log no longer continues the chain ``last`` saw; None when it does.
+
+        Only the records after ``last`` are read: those before it are pinned by it.
+        """
+        walk = _Walk(Boundary(seq=last.seq + 1, prev=last.head), ())
+        cur = txn.cursor(db=self.db)
+        if cur.set_range(codec.u64(last.seq + 1)):
+            for key, raw in cur:
+                if not walk.step(codec.from_u64(key), raw):
+                    return walk.bad.reason
         head = self.head(txn)
-        if head.seq != last or head.head != prev:
-            return _bad(count, last + 1 if head.seq > last else head.seq + 1,
+        if head.seq != walk.expected - 1 or head.head != walk.prev:
+            return f"the log's head (record {head.seq}) does not continue record {last.seq}"
+        return None
+
+
+class _Walk:
+    """The chain followed record by record from a boundary; ``bad`` is the first thing that did not hold."""
+
+    def __init__(self, start: Boundary, checkpoints: Sequence[tuple[str, Checkpoint]]) -> None:
+        self.expected, self.prev, self.count = start.seq, start.prev, 0
+        self.bad: VerifyReport | None = None
+        self.checked = self.unchecked = 0
+        self.vouched_to = start.seq - 1  # the last record the start or a checkpoint matched
+        self.pending: dict[int, list[tuple[str, Checkpoint]]] = {}
+        for name, checkpoint in checkpoints:
+            if checkpoint.seq < start.seq - 1:  # archived and not given back: nothing to compare with
+                self.unchecked += 1
+            elif checkpoint.seq == start.seq - 1:
+                self._match(checkpoint.seq, start.prev, name, checkpoint)
+            else:
+                self.pending.setdefault(checkpoint.seq, []).append((name, checkpoint))
+
+    def step(self, seq: int, raw: Any) -> bool:
+        if seq != self.expected:
+            return self.fail(self.expected, f"record {self.expected} is missing (next present is {seq})")
+        try:
+            record = AuditRecord.model_validate(codec.unpack(raw) if isinstance(raw, (bytes, memoryview)) else raw)
+        except (IntegrityError, ValueError) as exc:
+            return self.fail(seq, f"record {seq} cannot be decoded: {exc}")
+        if record.seq != seq:
+            return self.fail(seq, f"record {seq} claims sequence {record.seq}")
+        if record.prev != self.prev:
+            return self.fail(seq, f"record {seq} does not chain to record {seq - 1}")
+        if codec.sha256_hex(record.body_bytes()) != record.hash:
+            return self.fail(seq, f"record {seq} was altered (hash mismatch)")
+        for name, checkpoint in self.pending.pop(seq, ()):
+            if not self._match(seq, record.hash, name, checkpoint):
+                return False
+        self.prev, self.expected, self.count = record.hash, seq + 1, self.count + 1
+        return True
+
+    def _match(self, seq: int, hash: str, name: str, checkpoint: Checkpoint) -> bool:
+        if checkpoint.head != hash:
+            # The chain itself held: someone altered a record and re-hashed everything after it.
+            which = f"one of records {self.vouched_to + 1} to {seq}" if self.vouched_to + 1 < seq else f"record {seq}"
+            return self.fail(seq, f"record {seq} differs from {name}: {which} was rewritten and the chain re-hashed")
+        self.checked += 1
+        self.vouched_to = max(self.vouched_to, seq)
+        return True
+
+    def finish(self, head: Checkpoint) -> VerifyReport:
+        last = self.expected - 1
+        if head.seq != last or head.head != self.prev:
+            return _bad(self.count, last + 1 if head.seq > last else head.seq + 1,
                         f"log ends at record {last} but its head names record {head.seq}")
-        if checkpoint is not None:
-            if checkpoint.seq > last:
-                return _bad(count, last + 1,
-                            f"log was truncated: checkpoint names record {checkpoint.seq}, log ends at {last}")
-            if checkpoint.seq > 0 and hashes_at_checkpoint != checkpoint.head:
-                return _bad(count, checkpoint.seq, f"record {checkpoint.seq} differs from the checkpoint")
-        return VerifyReport(ok=True, records=count, head=Checkpoint(seq=last, head=prev))
+        for seq in sorted(self.pending):
+            name = self.pending[seq][0][0]
+            return _bad(self.count, last + 1, f"log was truncated: {name} names record {seq}, log ends at {last}")
+        return VerifyReport(ok=True, records=self.count, head=Checkpoint(seq=last, head=self.prev))
+
+    def fail(self, seq: int, reason: str) -> bool:
+        self.bad = _bad(self.count, seq, reason)
+        return False
 
 
 def _bad(count: int, seq: int, reason: str) -> VerifyReport:

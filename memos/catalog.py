@@ -16,6 +16,7 @@ from typing_extensions import TypedDict
 from .jobs import JobInfo
 from .models import (
     DEFAULT_TYPE,
+    ArchiveReport,
     AuditRecord,
     Checkpoint,
     Commit,
@@ -23,6 +24,7 @@ from .models import (
     DiffEntry,
     Memory,
     Proposal,
+    SignedCheckpoint,
     VerifyReport,
 )
 from .operations import Args, NoArgs, Operation
@@ -251,12 +253,20 @@ PROPOSAL_OPERATIONS = (
 
 
 class VerifyArgs(Args):
-    checkpoint: dict[str, Any] | None = None
+    checkpoint: dict[str, Any] | None = None  # {seq, head}, as audit_checkpoint gave it
+    signed: list[dict[str, Any]] | None = None  # the lines of a checkpoint file (SignedCheckpoint maps)
+    public_key: str | None = Field(None, max_length=4096)  # PEM; default: the daemon's signing key's
+    archives: list[str] | None = Field(None, max_length=100_000)  # absolute paths, oldest first
 
 
 class TailArgs(Args):
     n: int = Field(20, ge=1, le=10_000)
     after: int | None = Field(None, ge=0)
+
+
+class ArchiveArgs(Args):
+    before: int = Field(ge=2)
+    to: str = Field(max_length=4096)  # an absolute path to a file that does not exist yet
 
 
 AUDIT_OPERATIONS = (
@@ -266,6 +276,11 @@ AUDIT_OPERATIONS = (
               "audit_tail", ("n",)),
     Operation("audit_checkpoint", NoArgs, Checkpoint, "worker", "Export the audit head (admin).",
               "audit_checkpoint"),
+    Operation("audit_sign", NoArgs, SignedCheckpoint, "worker",
+              "Sign the audit head now and append it to the checkpoint file (admin).", "audit_sign"),
+    Operation("audit_archive", ArchiveArgs, ArchiveReport, "worker",
+              "Move the records before `before` to the new file `to`, if a signed checkpoint covers them; "
+              "audited (admin).", "audit_archive", ("before", "to")),
 )
 
 

@@ -14,13 +14,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import cli_audit
+from .cli_audit import EXIT_VERIFY_FAILED
 from .cli_format import human
 from .client import Client
 from .errors import MemosError
 from .models import plain
 
 EXIT_ERROR = 1
-EXIT_VERIFY_FAILED = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,13 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--no-adapter", action="store_true", dest="no_adapter", help="the base model alone")
     generate.add_argument("--stop", action="append", help="stop at this string (repeatable)")
 
-    audit = commands.add_parser("audit", help="the audit log").add_subparsers(dest="sub", required=True)
-    verify = command("verify", "check the audit chain", audit)
-    verify.add_argument("--checkpoint", type=Path, help="a checkpoint file written by `audit checkpoint`")
-    verify.add_argument("--strict", action="store_true", help=f"exit {EXIT_VERIFY_FAILED} when the chain is broken")
-    tail = command("tail", "the last audit records", audit)
-    tail.add_argument("-n", type=int, default=20)
-    command("checkpoint", "print the audit head (save it to verify later)", audit)
+    cli_audit.add_commands(commands, command)
     return parser
 
 
@@ -358,10 +353,7 @@ def _run(client: Client, a: argparse.Namespace) -> tuple[str, Any]:
         "cancel": lambda: client.job_cancel(a.id),
         "ingest": lambda: client.add_messages(a.cube, _messages(a.file), session=a.session, tags=a.tags),
         "reindex": lambda: client.reindex(a.cube),
-        "audit verify": lambda: client.audit_verify(
-            json.loads(a.checkpoint.read_text()) if a.checkpoint else None),
-        "audit tail": lambda: client.audit_tail(a.n),
-        "audit checkpoint": client.audit_checkpoint,
+        **cli_audit.calls(client, a),
         "model list": client.model_list,
         "model add": lambda: client.model_add(
             a.name, a.path if a.path == "prepared" else str(Path(a.path).expanduser().resolve()),

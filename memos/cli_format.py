@@ -106,8 +106,17 @@ def human(command: str, value: Any) -> str:
         return f"agent {value['name']} token (shown once):\n{value['token']}"
     if command == "audit verify":
         if value["ok"]:
-            return f"audit chain ok: {value['records']} records, head {value['head']['seq']}:{value['head']['head']}"
-        return f"AUDIT CHAIN BROKEN at record {value['first_bad']}: {value['reason']}"
+            start = (value.get("boundary") or {}).get("seq", 1)
+            return "".join([
+                f"audit chain ok: {value['records']} records, head {value['head']['seq']}:{value['head']['head']}",
+                f"; matches {value['checkpoints']} checkpoints" if value.get("checkpoints") else "",
+                f" ({value['unchecked']} more name archived records)" if value.get("unchecked") else "",
+                f"; the store's chain begins at record {start} (earlier ones archived)" if start > 1 else ""])
+        where = f" at record {value['first_bad']}" if value.get("first_bad") is not None else ""
+        return f"AUDIT CHAIN BROKEN{where}: {value['reason']}"
+    if command == "audit archive":
+        return (f"archived records {value['first']} to {value['last']} to {value['file']} (sha256 {value['sha256']}); "
+                f"the store's chain now begins at record {value['boundary']['seq']}")
     if command == "audit tail":
         return "\n".join(
             f"{r['seq']:>7} {r['outcome']:<6} {r['actor']:<16} {r['op']:<12} {r.get('cube') or '-':<16} "

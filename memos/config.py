@@ -30,6 +30,11 @@ def default_runtime_dir() -> Path:
     return Path(base) / "memos" if base else Path(f"/tmp/memos-{os.getuid()}")
 
 
+def default_config_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    return Path(base) / "memos"
+
+
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
     return Path(base) / "memos"
@@ -58,6 +63,25 @@ class StoreSettings(BaseModel):
     map_size: int = Field(64 << 30, description="Initial LMDB map size in bytes (sparse; grows when full).")
 
 
+class AuditSettings(BaseModel):
+    """Signed checkpoints of the audit chain (memos.checkpoints, docs/audit.md)."""
+
+    # Both files live outside the data folder: whoever can rewrite the store must not reach them.
+    signing_key: Path | None = Field(None, description="Ed25519 private key (PEM, mode 0600), made on first "
+                                     "start; default: $XDG_CONFIG_HOME/memos/audit-signing.key. Its public "
+                                     "key is written beside it as <key>.pub.")
+    checkpoint_file: Path | None = Field(None, description="Append-only file of signed checkpoints, one JSON "
+                                         "line each; default: audit-checkpoints.jsonl beside the key.")
+    checkpoint_every_s: float = Field(300, gt=0, description="How often memosd signs the audit head (when it "
+                                      "moved); once more at a clean shutdown.")
+
+    def key_path(self) -> Path:
+        return (self.signing_key or default_config_dir() / "audit-signing.key").expanduser()
+
+    def checkpoint_path(self) -> Path:
+        return (self.checkpoint_file or self.key_path().parent / "audit-checkpoints.jsonl").expanduser()
+
+
 class Settings(BaseSettings):
     """Everything memosd reads at start-up."""
 
@@ -66,6 +90,7 @@ class Settings(BaseSettings):
     daemon: DaemonSettings = Field(default_factory=DaemonSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     limits: Limits = Field(default_factory=Limits)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     # Each memory type with settings adds its own section (see settings_class).
 
     @classmethod

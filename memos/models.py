@@ -243,9 +243,52 @@ class Checkpoint(_Model):
     head: str
 
 
+_HEX64 = r"^[0-9a-f]{64}\z"  # pydantic's (Rust) regex: \z is the end of the text
+
+
+class Boundary(_Model):
+    """Where the audit chain kept in the store begins: records before ``seq`` were archived,
+    and ``prev`` is the hash of the last of them (the genesis hash when none were)."""
+
+    seq: int = Field(1, ge=1)
+    prev: str = Field("0" * 64, pattern=_HEX64)
+
+
+class SignedCheckpoint(_Model):
+    """An audit head signed with the daemon's Ed25519 key (memos.checkpoints): one line of the checkpoint file.
+
+    ``boundary`` is where the store's chain began when it was signed, so records
+    removed from the store without ``audit_archive`` are noticed.
+    """
+
+    seq: int = Field(ge=0)
+    head: str = Field(pattern=_HEX64)
+    time: float
+    boundary: Boundary = Field(default_factory=Boundary)
+    key_id: str = Field(pattern=r"^[0-9a-f]{16}\z")
+    signature: str = Field(pattern=r"^[0-9a-f]{128}\z")
+
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(seq=self.seq, head=self.head)
+
+
 class VerifyReport(_Model):
     ok: bool
     records: int
     head: Checkpoint | None = None
     first_bad: int | None = None
     reason: str | None = None
+    boundary: Boundary | None = None  # where the chain kept in the store begins
+    checkpoints: int = 0  # checkpoints the chain was checked against
+    unchecked: int = 0  # checkpoints of records archived and not given back: not checked
+
+
+class ArchiveReport(_Model):
+    """What ``audit_archive`` moved out of the store."""
+
+    file: str
+    first: int  # the first and last record written to the file
+    last: int
+    sha256: str  # of the file
+    checkpoint: int  # the signed checkpoint (its record) that covers them
+    boundary: Boundary  # where the store's chain now begins

@@ -11,6 +11,7 @@ Test modules import the fixtures they need from here.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -22,6 +23,11 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A memosd a test starts by hand (not through Daemon) signs its audit checkpoints here, not in ~/.config.
+_AUDIT_FALLBACK = tempfile.mkdtemp(prefix="memos-test-audit-", dir="/tmp")
+atexit.register(shutil.rmtree, _AUDIT_FALLBACK, True)
+os.environ.setdefault("MEMOS_AUDIT__SIGNING_KEY", os.path.join(_AUDIT_FALLBACK, "audit-signing.key"))
+os.environ.setdefault("MEMOS_AUDIT__CHECKPOINT_FILE", os.path.join(_AUDIT_FALLBACK, "audit-checkpoints.jsonl"))
 
 import msgpack
 import pytest
@@ -56,6 +62,8 @@ class Daemon:
         os.chmod(self.root, 0o700)
         self.data_dir = self.root / "data"
         self.socket = socket or self.root / "run" / "memosd.sock"
+        self.signing_key = self.root / "config" / "audit-signing.key"
+        self.checkpoint_file = self.root / "config" / "audit-checkpoints.jsonl"
         self.env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.logs: list[Path] = []
@@ -71,14 +79,19 @@ class Daemon:
         # Daemons that do not test search use the model-free embedder: starting
         # torch in every one of them would only slow the suite down. Likewise they
         # know no language model (a fuzzed `generate` would load one).
+        # The audit signing key and checkpoint file of each daemon live in its own root, never in ~/.config.
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "MEMOS_SEARCH__EMBEDDER": "hashing",
-                    "MEMOS_ACTIVATION__MODELS": "{}", **self.env, **(env or {})}
+                    "MEMOS_ACTIVATION__MODELS": "{}", **self.audit_env(), **self.env, **(env or {})}
         # The tests' own memory types (tests/toytype) are registered in the daemon too.
         full_env["PYTHONPATH"] = os.pathsep.join(
             [str(TOYTYPE), *filter(None, full_env.get("PYTHONPATH", "").split(os.pathsep))])
         args = [*MEMOSD, "--data-dir", str(data_dir or self.data_dir), "--socket", str(socket or self.socket), *extra]
         with open(log, "wb") as out:
             return subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+
+    def audit_env(self) -> dict[str, str]:
+        return {"MEMOS_AUDIT__SIGNING_KEY": str(self.signing_key),
+                "MEMOS_AUDIT__CHECKPOINT_FILE": str(self.checkpoint_file)}
 
     def start(self, timeout: float = 20.0) -> Daemon:
         (self.socket.parent).mkdir(mode=0o700, parents=True, exist_ok=True)
