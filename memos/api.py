@@ -28,6 +28,7 @@ from .access import LOCAL_ADMIN, Actor
 from .agents import Agents
 from .auditing import AuditAdmin
 from .checkpoints import CheckpointLog
+from .backup import Backups
 from .core import Core
 from .cubes import Cubes
 from .errors import MemosError
@@ -40,6 +41,7 @@ from .proposals import Proposals
 from .session import JobControl, Session
 from .storage import Store, StoreOptions
 from .validation import Limits
+from .transfer import Transfers
 from .versions import Versions
 from .writes import Applied, Write
 
@@ -74,7 +76,8 @@ class Memos:
         self.agents = Agents(self.core)
         self.jobs = Jobs()
         self.parts: tuple[Any, ...] = (Session(), self.cubes, self.memories, self.versions, self.proposals,
-                                       self.audit_admin, self.agents, JobControl(self.jobs, self.cubes))
+                                       self.audit_admin, self.agents, JobControl(self.jobs, self.cubes),
+                                       Backups(self.core), Transfers(self.core))
 
     def routes(self) -> dict[str, Route]:
         """Every operation, the core's and each memory type's, bound to what serves it."""

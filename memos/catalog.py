@@ -22,6 +22,7 @@ from .models import (
     Commit,
     Cube,
     DiffEntry,
+    Event,
     Memory,
     Proposal,
     SignedCheckpoint,
@@ -40,6 +41,7 @@ class Pong(TypedDict):
 
 class WhoAmI(TypedDict):
     agent: str
+    id: str  # the agent's stable id ("admin" for the administrator)
     admin: bool
 
 
@@ -50,6 +52,18 @@ class JobArgs(Args):
 SESSION_OPERATIONS = (
     Operation("ping", NoArgs, Pong, "inline", "Liveness check; returns the daemon's pid and protocol version.", "ping"),
     Operation("whoami", NoArgs, WhoAmI, "inline", "The agent name (or admin) the daemon sees.", "whoami"),
+)
+
+class WatchArgs(Args):
+    cube: str | None = Field(None, max_length=200)  # None: every cube the caller may read
+
+
+# Served by memosd itself (daemon/watchers.py): the request stays open and each event is a partial
+# reply. The client library's ``events()`` makes it.
+WATCH_OPERATIONS = (
+    Operation("watch", WatchArgs, Event, "worker",
+              "Follow change events of a cube, or of every cube the caller may read (a stream that "
+              "stays open; the first piece acknowledges it).", "watch", ("cube",), streams=True),
 )
 
 JOB_OPERATIONS = (
@@ -290,9 +304,12 @@ class Agent(BaseModel):
     created_by: str
 
 
+    id: str  # stable: what ownership and grants reference; never reused
 class AgentToken(TypedDict):
     name: str
-    token: str  # shown this once; only its hash is stored
+    rotated_at: float | None = None
+    id: str
+    token: str  # shown this once; only a salted hash is stored, and a retry does not get it again
 
 
 class AgentRemoved(TypedDict):
@@ -302,18 +319,24 @@ class AgentRemoved(TypedDict):
 
 class AgentArgs(Args):
     name: str = Field(max_length=200)
+    grants_removed: list[str]  # cubes whose access list named the agent
+    cubes_to_admin: list[str]  # cubes it owned, now the local administrator's
 
 
 AGENTS_OPERATIONS = (
     Operation("agent_add", AgentArgs, AgentToken, "writer", "Register an agent; returns its token (admin).",
               "write_add", ("name",)),
     Operation("agent_list", NoArgs, list[Agent], "worker", "Registered agents (admin).", "list"),
-    Operation("agent_remove", AgentArgs, AgentRemoved, "writer", "Revoke an agent's token (admin).",
+    Operation("agent_remove", AgentArgs, AgentRemoved, "writer",
+              "Remove an agent: its token stops at once, its grants go, its cubes pass to the admin (admin).",
               "write_remove", ("name",)),
 )
 
 
 class PolicyNameArgs(Args):
+    Operation("agent_rotate", AgentArgs, AgentToken, "writer",
+              "A new token for an agent (admin, or the agent itself); the old one stops at once.",
+              "write_rotate", ("name",)),
     name: str = Field(max_length=64)
 
 
@@ -375,4 +398,60 @@ POLICY_OPERATIONS = (
 def core_operations() -> tuple[Operation, ...]:
     """The core's operations, in the order the documentation lists them."""
     return (SESSION_OPERATIONS + AGENTS_OPERATIONS + CUBES_OPERATIONS + MEMORIES_OPERATIONS
-            + VERSIONS_OPERATIONS + PROPOSAL_OPERATIONS + JOB_OPERATIONS + AUDIT_OPERATIONS + POLICY_OPERATIONS)
+            + VERSIONS_OPERATIONS + PROPOSAL_OPERATIONS + JOB_OPERATIONS + AUDIT_OPERATIONS + POLICY_OPERATIONS
+            + BACKUP_OPERATIONS + TRANSFER_OPERATIONS + WATCH_OPERATIONS)
+class PathArgs(Args):
+    path: str = Field(max_length=4096)  # absolute, on the daemon's machine
+
+
+class ExportArgs(CubeArgs):
+    path: str = Field(max_length=4096)  # absolute: a file that does not exist yet
+
+
+class Backup(TypedDict):
+    path: str
+    format: str
+    version: int
+    schema: int
+    time: float
+    audit_at_least: dict[str, Any]  # the audit head when the snapshot began
+    bytes: int
+    sha256: str
+
+
+class Exported(TypedDict):
+    cube: str
+    path: str
+    head: int
+    records: int
+    blobs: int
+    sha256: str
+    bytes: int
+
+
+class Imported(TypedDict):
+    cube: str
+    head: int
+    commits: int
+    memories: int
+    blobs: int
+    sha256: str
+
+
+# The daemon reads and writes these paths as its own user: the local administrator only.
+BACKUP_OPERATIONS = (
+    Operation("store_backup", PathArgs, Backup, "worker",
+              "A consistent copy of the whole store into a new folder, while serving (admin).",
+              "store_backup", ("path",)),
+)
+
+TRANSFER_OPERATIONS = (
+    Operation("cube_export", ExportArgs, Exported, "worker",
+              "Write a cube with its whole history to a new file (admin; docs/storage.md).",
+              "cube_export", ("cube", "path")),
+    Operation("cube_import", PathArgs, Imported, "writer",
+              "Add the cube of an export file, history and all, after checking every hash (admin).",
+              "write_cube_import", ("path",)),
+)
+
+

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS lets the options stand before or after the command without one resetting the other.
     common.add_argument("--socket", default=argparse.SUPPRESS, help="memosd socket (default: MEMOS_SOCKET or the configured path)")
-    common.add_argument("--token", default=argparse.SUPPRESS, help="agent token (default: MEMOS_TOKEN; none = local admin)")
+    common.add_argument("--token", default=argparse.SUPPRESS, help="agent token (default: MEMOS_TOKEN, else the administrator's "
+                        "token file when memosd requires tokens; none = local admin)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the result as JSON")
     common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds to wait for a reply")
 
@@ -44,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     agent = commands.add_parser("agent", help="agents and their tokens").add_subparsers(dest="sub", required=True)
     command("add", "register an agent and print its token", agent).add_argument("name")
     command("list", "registered agents", agent)
-    command("remove", "revoke an agent's token", agent).add_argument("name")
+    command("remove", "remove an agent: its token, grants and cubes (to the admin)", agent).add_argument("name")
+    command("rotate", "a new token for an agent (the old one stops at once)", agent).add_argument("name")
 
     cube = commands.add_parser("cube", help="cubes and their ACLs").add_subparsers(dest="sub", required=True)
     command("create", "create a cube", cube).add_argument("name")
@@ -211,6 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stop", action="append", help="stop at this string (repeatable)")
 
     cli_audit.add_commands(commands, command)
+    command("backup", "a consistent copy of the whole store into a new folder, while memosd serves") \
+        .add_argument("path")
+    restore = command("restore", "put a backup into a new data folder and verify it (no memosd needed)")
+    restore.add_argument("backup")
+    restore.add_argument("--data-dir", dest="data_dir", help="default: the configured data folder")
+    export = command("export", "write a cube with its whole history to a new file")
+    export.add_argument("cube")
+    export.add_argument("path")
+    command("import", "add the cube of an export file, history and all").add_argument("path")
+
     return parser
 
 
@@ -329,6 +342,7 @@ def _run(client: Client, a: argparse.Namespace) -> tuple[str, Any]:
         "agent list": client.agent_list,
         "agent remove": lambda: client.agent_remove(a.name),
         "cube create": lambda: client.cube_create(a.name),
+        "agent rotate": lambda: client.agent_rotate(a.name),
         "cube list": client.cube_list,
         "cube get": lambda: client.cube_get(a.cube),
         "cube grant": lambda: client.cube_grant(a.cube, a.agent, None if a.role == "none" else a.role),
@@ -362,6 +376,10 @@ def _run(client: Client, a: argparse.Namespace) -> tuple[str, Any]:
         "activate": lambda: _waited(client, client.activate(a.cube, ids=a.ids, tag=a.tag, model=a.model,
                                                             adapter=a.adapter), a),
         "activations": lambda: client.activations(a.cube),
+        # The daemon opens these paths: absolute, as the caller means them.
+        "backup": lambda: client.store_backup(os.path.abspath(a.path)),
+        "export": lambda: client.cube_export(a.cube, os.path.abspath(a.path)),
+        "import": lambda: client.cube_import(os.path.abspath(a.path)),
         "distill": lambda: _reported(client, a, client.distill(a.cube, ids=a.ids, tag=a.tag, model=a.model,
                                                                recipe=_recipe(a) or None)),
         "fuse": lambda: _reported(client, a, client.fuse(a.cube, a.ids, weights=a.weights, combination=a.combination,
@@ -378,18 +396,38 @@ def _run(client: Client, a: argparse.Namespace) -> tuple[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(_with_default_rollback(sys.argv[1:] if argv is None else argv))
     options: dict[str, Any] = {}
-    if getattr(args, "token", None):
-        options["token"] = args.token
+    token = getattr(args, "token", None) or os.environ.get("MEMOS_TOKEN") or _admin_token()
+    if token:
+        options["token"] = token
     if getattr(args, "timeout", None):
         options["timeout"] = args.timeout
     if args.command in ("activate", "generate", "distill", "fuse") or getattr(args, "sub", None) == "prepare":
+def _admin_token() -> str | None:
+    """The administrator's token, when memosd requires tokens and this user may read its file."""
+    from .config import load
+
+    try:
+        settings = load()
+        if not settings.daemon.require_token:
+            return None
+        return settings.daemon.admin_token_file.expanduser().read_text().strip() or None
+    except (OSError, MemosError, ValueError):  # no readable file, or a config memosd would refuse too
+        return None
+
+
         # Never resent: a second frame would start a second job or generation.
         options["retries"] = 0
         if args.command == "generate":
             options.setdefault("timeout", 300.0)  # a model may be loading before the first token
     try:
-        with Client(getattr(args, "socket", None), **options) as client:
-            name, result = _run(client, args)
+        if args.command == "restore":  # offline: a file copy and a check, no daemon
+            from .backup import restore
+            from .config import load
+
+            name, result = "restore", restore(args.backup, args.data_dir or load().daemon.data_dir.expanduser())
+        else:
+            with Client(getattr(args, "socket", None), **options) as client:
+                name, result = _run(client, args)
     except MemosError as exc:
         print(f"memosctl: {exc.code}: {exc.message}", file=sys.stderr)
         return EXIT_ERROR

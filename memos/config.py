@@ -47,7 +47,20 @@ class DaemonSettings(BaseModel):
     max_message_bytes: int = Field(64 << 20, ge=1 << 10, description="Largest request accepted; larger ones get too_large.")
     read_workers: int = Field(4, ge=1, le=256, description="Threads serving read requests concurrently.")
     max_group: int = Field(256, ge=1, description="Most writes made durable in one group commit.")
-    allow_uids: list[int] = Field(default_factory=list, description="Other local users allowed to connect (with a token).")
+    allow_uids: list[int] = Field(default_factory=list, description="Other local users allowed to connect; "
+                                  "they must present an agent token. Needs socket_group.")
+    uid_agents: dict[int, str] = Field(default_factory=dict, description="Other local users allowed to connect "
+                                       "without a token, each acting as the agent named (the kernel vouches for "
+                                       "the uid). Needs socket_group.")
+    socket_group: str | int | None = Field(None, description="Group (name or gid) that may reach the socket: "
+                                           "its folder becomes 0710 and the socket 0660 of that group. Without "
+                                           "it only this user can connect.")
+    require_token: bool = Field(False, description="Every client, this user's included, must present a token; "
+                                "the administrator's is kept in admin_token_file.")
+    admin_token_file: Path = Field(default_factory=lambda: default_config_dir() / "admin.token",
+                                   description="Where memosd keeps the administrator's token (0600) when "
+                                   "require_token is on; memosctl reads it.")
+    max_watchers: int = Field(256, ge=1, le=65_536, description="Most clients following events at once.")
     request_retention_s: float = Field(86_400, ge=0, le=10 * 365 * 86_400, description="How long replies are kept for idempotent retries.")
     log_level: str = Field("INFO", description="Logging level.")
     policies: Path | None = Field(None, description="Policies' schedules and thresholds; default: etc/policies.toml.")

@@ -220,7 +220,7 @@ class AuditRecord(_Model):
 
 
 class Event(_Model):
-    """A change, published on the events socket under its cube's name once it is durable.
+    """A change, sent to the clients that ``watch`` its cube (and may read it) once it is durable.
 
     Jobs are announced the same way, with ``op`` ``"job"``: as they start, advance
     and end, under their cube's name (or ``""`` for a job of no cube), with

@@ -45,7 +45,7 @@ MEMOSD = [sys.executable, "-m", "memos.daemon.main"]
 
 def memosctl(daemon: Daemon, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
     """``memosctl ARGS`` against ``daemon`` as the local administrator; asserts its exit status."""
-    env = {**os.environ, "MEMOS_SOCKET": str(daemon.socket)}
+    env = {**os.environ, "MEMOS_SOCKET": str(daemon.socket), **daemon.audit_env(), **daemon.env}
     env.pop("MEMOS_TOKEN", None)
     proc = subprocess.run([sys.executable, "-m", "memos.cli", *args], capture_output=True, text=True, env=env,
                           timeout=120, cwd=ROOT, check=False)
@@ -64,6 +64,7 @@ class Daemon:
         self.socket = socket or self.root / "run" / "memosd.sock"
         self.signing_key = self.root / "config" / "audit-signing.key"
         self.checkpoint_file = self.root / "config" / "audit-checkpoints.jsonl"
+        self.admin_token_file = self.root / "config" / "admin.token"  # for tests that turn require_token on
         self.env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.logs: list[Path] = []

@@ -18,6 +18,9 @@ def test_cubes(admin):
     assert (cube.name, cube.owner, cube.version, cube.settings) == ("ops-cubes", "admin", 0, {"purpose": "test"})
     assert "ops-cubes" in [c.name for c in admin.cube_list()]
     assert admin.cube_get("ops-cubes").owner == "admin"
+    with pytest.raises(NotFound):
+        admin.cube_grant("ops-cubes", "someone", "read")  # no such agent yet
+    admin.agent_add("someone")
     granted = admin.cube_grant("ops-cubes", "someone", "read")
     assert granted.acl["someone"].value == "read"
     assert admin.cube_get("ops-cubes").acl["someone"].value == "read"
@@ -144,10 +147,11 @@ def test_typed_errors(daemon, admin):
 
 
 def test_whoami_and_agents(daemon, admin):
-    assert admin.whoami() == {"agent": "admin", "admin": True}
-    token = admin.agent_add("ops-who")["token"]
-    assert token.startswith("ops-who.")
-    assert daemon.client(token=token).whoami() == {"agent": "ops-who", "admin": False}
+    assert admin.whoami() == {"agent": "admin", "id": "admin", "admin": True}
+    added = admin.agent_add("ops-who")
+    token = added["token"]
+    assert token.startswith("ops-who.") and added["id"].startswith("agent:")
+    assert daemon.client(token=token).whoami() == {"agent": "ops-who", "id": added["id"], "admin": False}
     assert "ops-who" in [a.name for a in admin.agent_list()]
     with pytest.raises(Conflict):
         admin.agent_add("ops-who")

@@ -192,7 +192,8 @@ def test_other_users_need_a_socket_group(make_daemon):
 
 
 def test_require_token_refuses_a_local_client_without_one(make_daemon):
-    d = make_daemon(env={"MEMOS_DAEMON__REQUIRE_TOKEN": "true"})
+    d = make_daemon()
+    d.env.update({"MEMOS_DAEMON__REQUIRE_TOKEN": "true", "MEMOS_DAEMON__ADMIN_TOKEN_FILE": str(d.admin_token_file)})
     d.proc = d.spawn()
     token_file = d.admin_token_file
     deadline = time.monotonic() + 30
