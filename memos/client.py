@@ -252,9 +252,15 @@ class AsyncClient:
 
     async def events(self, cube: str | None = None) -> AsyncIterator[Event]:
         """Change events as they happen, of one cube or of every cube this agent may read
-        (:mod:`memos.watching`); ends when memosd stops, raises Unavailable if it dies."""
-        async for event in watching.follow_async(self, cube):
+        (:mod:`memos.watching`); ends when memosd stops, raises Unavailable if it dies. The
+        subscription is made at the first ``__anext__``; ``subscribe`` makes it at once."""
+        async for event in await self.subscribe(cube):
             yield event
+
+    async def subscribe(self, cube: str | None = None) -> AsyncIterator[Event]:
+        """Subscribe to change events now: returns once memosd has acknowledged (a cube this
+        agent may not read raises here), so what follows is seen; iterate the result."""
+        return await watching.subscribe(self, cube)
 
 
 def declared_operations() -> dict[str, Operation]:
@@ -409,6 +415,10 @@ class Client(AsyncClient):
         """
         return watching.follow(self, cube, timeout)
 
+    def subscribe(self, cube: str | None = None, timeout: float | None = None) -> Iterator[Event]:  # type: ignore[override]
+        """``events``: on the blocking client, subscribing is already done when it returns."""
+        return self.events(cube, timeout)
+
     def __enter__(self) -> Client:
         return self
 
@@ -430,7 +440,7 @@ def _blocking(method: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-_NOT_OPERATIONS = {"call", "close", "events", "__aenter__", "__aexit__"}
+_NOT_OPERATIONS = {"call", "close", "events", "subscribe", "__aenter__", "__aexit__"}
 for _name, _method in inspect.getmembers(AsyncClient, inspect.iscoroutinefunction):
     if not _name.startswith("_") and _name not in _NOT_OPERATIONS:
         setattr(Client, _name, _blocking(_method))

@@ -89,7 +89,8 @@ def _events(client: Client, sock: zmq.Socket, rid: str, timeout: float | None) -
         sock.close(linger=0)
 
 
-async def follow_async(client: AsyncClient, cube: str | None) -> AsyncIterator[Event]:
+async def subscribe(client: AsyncClient, cube: str | None) -> AsyncIterator[Event]:
+    """Subscribe now: returns once memosd has acknowledged (or raises its refusal); then the events."""
     check_daemon(client.socket_path)
     sock = client._ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -97,17 +98,34 @@ async def follow_async(client: AsyncClient, cube: str | None) -> AsyncIterator[E
     rid, frame = client._frame("watch", {"cube": cube})
     try:
         await sock.send(frame)
-        acknowledged = False
+        deadline = time.monotonic() + client.timeout
+        while True:  # the acknowledgement, or the refusal
+            if await sock.poll(_LOOK_EVERY_MS):
+                piece = _piece(p.decode(await sock.recv(), _MAX_EVENT_BYTES), rid)
+                if piece is _END:
+                    raise Unavailable("memosd is stopping")
+                if piece is not None:
+                    break
+            else:
+                check_daemon(client.socket_path)
+            if time.monotonic() >= deadline:
+                raise Timeout(f"memosd at {client.socket_path} did not acknowledge watch in {client.timeout}s")
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return _events_async(client, sock, rid)
+
+
+async def _events_async(client: AsyncClient, sock: Any, rid: str) -> AsyncIterator[Event]:
+    try:
         while True:
             if not await sock.poll(_LOOK_EVERY_MS):
-                check_daemon(client.socket_path)
+                check_daemon(client.socket_path)  # a daemon that died sends nothing more: say so
                 continue
             piece = _piece(p.decode(await sock.recv(), _MAX_EVENT_BYTES), rid)
             if piece is _END:
                 return
             if piece is not None:
-                if acknowledged:
-                    yield piece
-                acknowledged = True
+                yield piece
     finally:
         sock.close(linger=0)

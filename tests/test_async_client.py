@@ -33,9 +33,8 @@ def test_events_arrive_for_the_subscribed_cube_only(daemon):  # noqa: F811
         async with AsyncClient(daemon.socket, timeout=30) as client:
             await client.cube_create("async-ev")
             await client.cube_create("async-ev-other")
-            events = client.events("async-ev")
+            events = await client.subscribe("async-ev")  # acknowledged: what follows is seen
             first = asyncio.ensure_future(events.__anext__())
-            await asyncio.sleep(0.3)  # let the subscription reach the daemon
             await client.add("async-ev-other", "not for us")
             m = await client.add("async-ev", "for us")
             event = await asyncio.wait_for(first, 10)

@@ -373,8 +373,7 @@ def test_distill_refuses_what_it_cannot_do(admin):
 def test_job_progress_is_announced_on_the_events_socket(daemon, admin):
     c = "par-events"
     _cube(admin, c)
-    events = admin.events(c, timeout=60)
-    time.sleep(0.3)  # the subscription reaches the daemon
+    events = admin.events(c, timeout=60)  # acknowledged before it returns: the job's events are seen
     job = admin.distill(c, recipe={**FAST, "steps": 8})
     seen = []
     for event in events:
