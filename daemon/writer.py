@@ -14,11 +14,19 @@ only what expired and never holds writers up for long.
 
 Housekeeping runs on this thread too, between commits: pruning, and writing
 read counts that no write has carried to disk for a while.
+
+Refused requests are audited through here as well, without a commit each:
+:meth:`Core.refused <memos.core.Core.refused>` queues their records
+(:mod:`memos.refusals`), the next group commit carries them, and when no
+write comes within ``refusal_delay_s`` they are committed alone. A burst of
+refusals thus costs a few commits a second at most, and the socket thread
+that answers them never waits for a disk.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -33,6 +41,7 @@ from memos.api import Actor, Memos
 from memos.errors import Conflict, InternalError, MemosError, from_wire
 from memos.models import plain
 from memos.protocol import error_reply, ok_reply
+from memos.refusals import Refusals
 from memos.storage import request_time_key
 from memos.writes import Applied, Write
 
@@ -77,6 +86,8 @@ def wait_for(send: Callable[[Job], None], write: Write) -> Any:
 
 
 _STOP = object()
+_REFUSALS_SOON = object()  # refusal records wait: commit them within refusal_delay_s
+_REFUSALS_NOW = object()  # a reader of the audit log waits for them: commit them at once
 _HOUSEKEEPING_EVERY_S = 60.0  # at most this much of read counts is lost if the daemon is killed
 _PRUNE_BATCH = 250  # stored replies forgotten per transaction: ~10 ms between group commits
 
@@ -96,7 +107,7 @@ def _one_by_one(replies: list[tuple[Reply, dict[str, Any]]]) -> None:
 class Writer(threading.Thread):
     def __init__(self, memos: Memos, *, max_group: int, retention_s: float, publish: Publish,
                  on_commit: OnCommit | None = None, deliver: Deliver | None = None,
-                 commit_delay_s: float = 0.0005) -> None:
+                 commit_delay_s: float = 0.0005, refusal_delay_s: float = 0.05) -> None:
         super().__init__(name="memosd-writer", daemon=True)
         self.memos = memos
         self.max_group = max_group
@@ -110,6 +121,13 @@ class Writer(threading.Thread):
         self.times = memos.store.db["request_times"]
         self.commits = 0
         self.writes = 0
+        self.refusal_delay_s = refusal_delay_s
+        self._refusals_due = math.inf  # when queued refusal records are committed if no write carries them first
+        # From now on refusals are audited through this thread's commits.
+        memos.core.refusals = Refusals(memos.limits.refusal_records_per_s, wake=self._wake)
+
+    def _wake(self, urgent: bool) -> None:
+        self.queue.put(_REFUSALS_NOW if urgent else _REFUSALS_SOON)
 
     def submit(self, job: Job) -> None:
         self.queue.put(job)
@@ -124,6 +142,9 @@ class Writer(threading.Thread):
         next_chores = 0.0  # at once: replies may have expired while the daemon was down
         backlog = False  # expired replies left over from the last pass
         while True:
+            if time.monotonic() >= self._refusals_due:
+                self._refusals_due = math.inf
+                self._commit_refusals()
             if time.monotonic() >= next_chores:
                 try:
                     backlog = self._housekeeping(backlog)
@@ -132,14 +153,17 @@ class Writer(threading.Thread):
                     backlog = False
                 next_chores = time.monotonic() + (0.0 if backlog else _HOUSEKEEPING_EVERY_S)
             try:
-                first = self.queue.get(timeout=max(next_chores - time.monotonic(), 0.001))
+                first = self.queue.get(timeout=max(min(next_chores, self._refusals_due) - time.monotonic(), 0.001))
             except queue.Empty:
+                continue
+            if self._refusals_wait(first):
                 continue
             batch, stopping = self._gather(first, expected)
             if batch:
-                self._commit(batch)
+                self._commit(batch)  # it carries the refusals queued so far
                 expected = len(batch)
             if stopping:
+                self._commit_refusals()
                 return
 
     def _gather(self, first: Any, expected: int) -> tuple[list[Job], bool]:
@@ -164,8 +188,29 @@ class Writer(threading.Thread):
                 break
             if item is _STOP:
                 return batch, True
-            batch.append(item)
+            if not self._refusals_wait(item):
+                batch.append(item)
         return batch, False
+
+    def _refusals_wait(self, item: Any) -> bool:
+        """True if ``item`` says refusal records wait: they are then due within the delay (at once if
+        urgent). A group commit before then carries them; the check when due then finds nothing left."""
+        if item is not _REFUSALS_SOON and item is not _REFUSALS_NOW:
+            return False
+        delay = 0.0 if item is _REFUSALS_NOW else self.refusal_delay_s
+        self._refusals_due = min(self._refusals_due, time.monotonic() + delay)
+        return True
+
+    def _commit_refusals(self) -> None:
+        """Commit the queued refusal records alone (no write came to carry them)."""
+        refusals = self.memos.core.refusals
+        if refusals is None or not refusals.pending():
+            return
+        try:
+            self.memos.core.apply([])
+        except Exception:  # the records are lost, not the writer: writes come first
+            log.exception("auditing refusals failed")
+        self.commits += 1
 
     def _commit(self, batch: list[Job]) -> None:
         fresh: list[Job] = []

@@ -20,6 +20,7 @@ collaborator declares it.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -27,8 +28,8 @@ from typing import Any
 from .access import LOCAL_ADMIN, Actor
 from .agents import Agents
 from .auditing import AuditAdmin
-from .checkpoints import CheckpointLog
 from .backup import Backups
+from .checkpoints import CheckpointLog
 from .core import Core
 from .cubes import Cubes
 from .errors import MemosError
@@ -40,8 +41,8 @@ from .operations import Route, bind
 from .proposals import Proposals
 from .session import JobControl, Session
 from .storage import Store, StoreOptions
-from .validation import Limits
 from .transfer import Transfers
+from .validation import Limits
 from .versions import Versions
 from .writes import Applied, Write
 
@@ -81,7 +82,13 @@ class Memos:
 
     def routes(self) -> dict[str, Route]:
         """Every operation, the core's and each memory type's, bound to what serves it."""
-        return bind([*self.parts, *self.types.values()])
+        table = bind([*self.parts, *self.types.values()])
+        # Readers of the audit log see every refusal answered before they asked: refusals queued
+        # for a later group commit (memos.refusals) are written first.
+        for name, route in table.items():
+            if getattr(route.call, "__self__", None) is self.audit_admin:
+                table[name] = Route(route.op, _settled(self.core, route.call))
+        return table
 
     @property
     def store(self) -> Store:
@@ -108,8 +115,19 @@ class Memos:
         if pending:
             self.core.store.write(lambda txn: self.core.usage.write(txn, pending))
 
+    def flush_refusals(self) -> None:
+        """Write queued refusal records now (those that came after the writer stopped)."""
+        refusals = self.core.refusals
+        if refusals is not None and refusals.pending():
+            taken = refusals.take()
+            try:
+                self.core.store.write(lambda txn: taken.write(txn, self.core.audit.append))
+            finally:
+                refusals.written(taken)
+
     def close(self) -> None:
         self.flush_usage()
+        self.flush_refusals()
         self.core.store.close()
 
     def __enter__(self) -> Memos:
@@ -140,13 +158,30 @@ class Memos:
 
 
 def _applied_at_once(core: Core, write: Callable[..., Write]) -> Callable[..., Any]:
-    """``X`` from ``write_X``: build the write and apply it alone, now."""
+    """``X`` from ``write_X``: build the write and apply it alone, now.
+
+    A write refused while it is built (a batch over its limit) is audited like one refused
+    in its commit; the daemon does the same for the writes it is sent.
+    """
+
+    takes_cube = list(inspect.signature(write).parameters)[1:2] == ["cube"]  # after the actor
 
     @functools.wraps(write)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        return core.run(write(*args, **kwargs))
+    def run(actor: Actor, *args: Any, **kwargs: Any) -> Any:
+        try:
+            built = write(actor, *args, **kwargs)
+        except MemosError as exc:
+            cube = kwargs.get("cube", args[0] if args else None) if takes_cube else None
+            raise core.refused(actor, write.__name__.removeprefix("write_"), cube, exc) from None
+        return core.run(built)
 
     return run
 
 
+def _settled(core: Core, call: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(call)
+    def read(*args: Any, **kwargs: Any) -> Any:
+        core.settle_refusals()
+        return call(*args, **kwargs)
 
+    return read

@@ -162,7 +162,7 @@ class ListArgs(Args):
     at: int | None = Field(None, ge=0)
     status: StatusName | Literal["all"] = "active"
     tag: str | None = Field(None, max_length=64)
-    limit: int | None = Field(None, ge=0)
+    limit: int | None = Field(None, ge=0)  # at most [limits] max_page
     after: str | None = Field(None, max_length=64)
     usage: bool = False  # fill in each memory's read counts
 
@@ -203,7 +203,7 @@ MEMORIES_OPERATIONS = (
 class HistoryArgs(Args):
     cube: str = Field(max_length=200)
     memory_id: str | None = Field(None, max_length=64)
-    limit: int | None = Field(None, ge=1)
+    limit: int | None = Field(None, ge=1)  # at most [limits] max_page
     before: int | None = Field(None, ge=0)
 
 
@@ -211,6 +211,8 @@ class DiffArgs(Args):
     cube: str = Field(max_length=200)
     v1: int = Field(ge=0)
     v2: int = Field(ge=0)
+    limit: int | None = Field(None, ge=0)  # at most [limits] max_page
+    after: str | None = Field(None, max_length=64)  # a memory id: the page after it
 
 
 class RollbackArgs(Args):
@@ -234,6 +236,8 @@ class RejectArgs(ProposalArgs):
 class ProposalsArgs(Args):
     cube: str | None = Field(None, max_length=200)
     status: Literal["pending", "applied", "rejected", "expired", "all"] = "pending"
+    limit: int | None = Field(None, ge=1)  # at most [limits] max_page
+    before: str | None = Field(None, max_length=64)  # a proposal id: the older ones
 
 
 class ProposalDetail(BaseModel):
@@ -300,14 +304,14 @@ AUDIT_OPERATIONS = (
 
 class Agent(BaseModel):
     name: str
+    id: str  # stable: what ownership and grants reference; never reused
     created_at: float
     created_by: str
+    rotated_at: float | None = None
 
 
-    id: str  # stable: what ownership and grants reference; never reused
 class AgentToken(TypedDict):
     name: str
-    rotated_at: float | None = None
     id: str
     token: str  # shown this once; only a salted hash is stored, and a retry does not get it again
 
@@ -315,12 +319,12 @@ class AgentToken(TypedDict):
 class AgentRemoved(TypedDict):
     name: str
     removed: bool
+    grants_removed: list[str]  # cubes whose access list named the agent
+    cubes_to_admin: list[str]  # cubes it owned, now the local administrator's
 
 
 class AgentArgs(Args):
     name: str = Field(max_length=200)
-    grants_removed: list[str]  # cubes whose access list named the agent
-    cubes_to_admin: list[str]  # cubes it owned, now the local administrator's
 
 
 AGENTS_OPERATIONS = (
@@ -330,13 +334,13 @@ AGENTS_OPERATIONS = (
     Operation("agent_remove", AgentArgs, AgentRemoved, "writer",
               "Remove an agent: its token stops at once, its grants go, its cubes pass to the admin (admin).",
               "write_remove", ("name",)),
+    Operation("agent_rotate", AgentArgs, AgentToken, "writer",
+              "A new token for an agent (admin, or the agent itself); the old one stops at once.",
+              "write_rotate", ("name",)),
 )
 
 
 class PolicyNameArgs(Args):
-    Operation("agent_rotate", AgentArgs, AgentToken, "writer",
-              "A new token for an agent (admin, or the agent itself); the old one stops at once.",
-              "write_rotate", ("name",)),
     name: str = Field(max_length=64)
 
 
@@ -395,11 +399,6 @@ POLICY_OPERATIONS = (
 )
 
 
-def core_operations() -> tuple[Operation, ...]:
-    """The core's operations, in the order the documentation lists them."""
-    return (SESSION_OPERATIONS + AGENTS_OPERATIONS + CUBES_OPERATIONS + MEMORIES_OPERATIONS
-            + VERSIONS_OPERATIONS + PROPOSAL_OPERATIONS + JOB_OPERATIONS + AUDIT_OPERATIONS + POLICY_OPERATIONS
-            + BACKUP_OPERATIONS + TRANSFER_OPERATIONS + WATCH_OPERATIONS)
 class PathArgs(Args):
     path: str = Field(max_length=4096)  # absolute, on the daemon's machine
 
@@ -455,3 +454,8 @@ TRANSFER_OPERATIONS = (
 )
 
 
+def core_operations() -> tuple[Operation, ...]:
+    """The core's operations, in the order the documentation lists them."""
+    return (SESSION_OPERATIONS + AGENTS_OPERATIONS + CUBES_OPERATIONS + MEMORIES_OPERATIONS
+            + VERSIONS_OPERATIONS + PROPOSAL_OPERATIONS + JOB_OPERATIONS + AUDIT_OPERATIONS + POLICY_OPERATIONS
+            + BACKUP_OPERATIONS + TRANSFER_OPERATIONS + WATCH_OPERATIONS)

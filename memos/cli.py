@@ -21,6 +21,7 @@ from .cli_format import human
 from .client import Client
 from .errors import MemosError
 from .models import plain
+from .paging import every
 
 EXIT_ERROR = 1
 
@@ -213,7 +214,6 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--no-adapter", action="store_true", dest="no_adapter", help="the base model alone")
     generate.add_argument("--stop", action="append", help="stop at this string (repeatable)")
 
-    cli_audit.add_commands(commands, command)
     command("backup", "a consistent copy of the whole store into a new folder, while memosd serves") \
         .add_argument("path")
     restore = command("restore", "put a backup into a new data folder and verify it (no memosd needed)")
@@ -224,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("path")
     command("import", "add the cube of an export file, history and all").add_argument("path")
 
+    cli_audit.add_commands(commands, command)
     return parser
 
 
@@ -341,8 +342,8 @@ def _run(client: Client, a: argparse.Namespace) -> tuple[str, Any]:
         "agent add": lambda: client.agent_add(a.name),
         "agent list": client.agent_list,
         "agent remove": lambda: client.agent_remove(a.name),
-        "cube create": lambda: client.cube_create(a.name),
         "agent rotate": lambda: client.agent_rotate(a.name),
+        "cube create": lambda: client.cube_create(a.name),
         "cube list": client.cube_list,
         "cube get": lambda: client.cube_get(a.cube),
         "cube grant": lambda: client.cube_grant(a.cube, a.agent, None if a.role == "none" else a.role),
@@ -350,15 +351,22 @@ def _run(client: Client, a: argparse.Namespace) -> tuple[str, Any]:
         "get": lambda: client.get(a.cube, a.id, at=a.at, include_deleted=a.include_deleted),
         "update": lambda: client.update(a.cube, a.id, a.text, tags=a.tags),
         "delete": lambda: client.delete(a.cube, a.id),
-        "list": lambda: client.list(a.cube, limit=a.limit, at=a.at, tag=a.tag, status=a.status),
-        "history": lambda: client.history(a.cube, memory_id=a.memory, limit=a.limit),
-        "diff": lambda: client.diff(a.cube, a.v1, a.v2),
+        # Without --limit, every item: a page at a time (the daemon answers at most a page).
+        "list": lambda: client.list(a.cube, limit=a.limit, at=a.at, tag=a.tag, status=a.status)
+        if a.limit is not None else every(lambda n, after: client.list(
+            a.cube, limit=n, after=after, at=a.at, tag=a.tag, status=a.status), lambda m: m.id),
+        "history": lambda: client.history(a.cube, memory_id=a.memory, limit=a.limit)
+        if a.limit is not None else every(lambda n, before: client.history(
+            a.cube, memory_id=a.memory, limit=n, before=before), lambda c: c.version),
+        "diff": lambda: every(lambda n, after: client.diff(a.cube, a.v1, a.v2, limit=n, after=after),
+                              lambda e: e.memory_id),
         "rollback apply": lambda: client.rollback(a.cube, *_target(client, a)),
         "rollback propose": lambda: client.rollback_propose(a.cube, *_target(client, a), reason=a.reason),
         "rollback show": lambda: client.rollback_show(a.id),
         "rollback approve": lambda: client.rollback_approve(a.id),
         "rollback reject": lambda: client.rollback_reject(a.id, a.reason),
-        "rollback proposals": lambda: client.rollback_proposals(a.cube, status=a.status),
+        "rollback proposals": lambda: every(lambda n, before: client.rollback_proposals(
+            a.cube, status=a.status, limit=n, before=before), lambda p: p.id),
         "policy list": client.policy_list,
         "policy run": lambda: client.policy_run(a.name, dry_run=a.dry_run),
         "policy history": lambda: client.policy_history(a.name, limit=a.limit),
@@ -368,6 +376,10 @@ def _run(client: Client, a: argparse.Namespace) -> tuple[str, Any]:
         "ingest": lambda: client.add_messages(a.cube, _messages(a.file), session=a.session, tags=a.tags),
         "reindex": lambda: client.reindex(a.cube),
         **cli_audit.calls(client, a),
+        # The daemon opens these paths: absolute, as the caller means them.
+        "backup": lambda: client.store_backup(os.path.abspath(a.path)),
+        "export": lambda: client.cube_export(a.cube, os.path.abspath(a.path)),
+        "import": lambda: client.cube_import(os.path.abspath(a.path)),
         "model list": client.model_list,
         "model add": lambda: client.model_add(
             a.name, a.path if a.path == "prepared" else str(Path(a.path).expanduser().resolve()),
@@ -376,10 +388,6 @@ def _run(client: Client, a: argparse.Namespace) -> tuple[str, Any]:
         "activate": lambda: _waited(client, client.activate(a.cube, ids=a.ids, tag=a.tag, model=a.model,
                                                             adapter=a.adapter), a),
         "activations": lambda: client.activations(a.cube),
-        # The daemon opens these paths: absolute, as the caller means them.
-        "backup": lambda: client.store_backup(os.path.abspath(a.path)),
-        "export": lambda: client.cube_export(a.cube, os.path.abspath(a.path)),
-        "import": lambda: client.cube_import(os.path.abspath(a.path)),
         "distill": lambda: _reported(client, a, client.distill(a.cube, ids=a.ids, tag=a.tag, model=a.model,
                                                                recipe=_recipe(a) or None)),
         "fuse": lambda: _reported(client, a, client.fuse(a.cube, a.ids, weights=a.weights, combination=a.combination,
@@ -393,15 +401,6 @@ def _run(client: Client, a: argparse.Namespace) -> tuple[str, Any]:
     return name, _plain(calls[name]())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(_with_default_rollback(sys.argv[1:] if argv is None else argv))
-    options: dict[str, Any] = {}
-    token = getattr(args, "token", None) or os.environ.get("MEMOS_TOKEN") or _admin_token()
-    if token:
-        options["token"] = token
-    if getattr(args, "timeout", None):
-        options["timeout"] = args.timeout
-    if args.command in ("activate", "generate", "distill", "fuse") or getattr(args, "sub", None) == "prepare":
 def _admin_token() -> str | None:
     """The administrator's token, when memosd requires tokens and this user may read its file."""
     from .config import load
@@ -415,6 +414,15 @@ def _admin_token() -> str | None:
         return None
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(_with_default_rollback(sys.argv[1:] if argv is None else argv))
+    options: dict[str, Any] = {}
+    token = getattr(args, "token", None) or os.environ.get("MEMOS_TOKEN") or _admin_token()
+    if token:
+        options["token"] = token
+    if getattr(args, "timeout", None):
+        options["timeout"] = args.timeout
+    if args.command in ("activate", "generate", "distill", "fuse") or getattr(args, "sub", None) == "prepare":
         # Never resent: a second frame would start a second job or generation.
         options["retries"] = 0
         if args.command == "generate":

@@ -5,7 +5,9 @@ transaction that returns what it :class:`~memos.writes.Applied`. The audit recor
 the same transaction, so a change is durable exactly when its record is.
 :meth:`Core.apply` makes many writes durable in one commit (group commit),
 each in its own child transaction, so one failure does not sink the others.
-Failures (denials included) are audited too.
+Failures (denials included) are audited too: a failed write in its own
+commit, a refused read by :meth:`Core.refused`, which in the daemon hands its
+record to the writer's next group commit (:mod:`memos.refusals`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .errors import Denied, MemosError
 from .governance import Governance
 from .ledger import Ledger
 from .models import Change, Commit, Cube, Role
+from .refusals import Refusals, failure_record
 from .storage import Store
 from .usage import UsageCounts
 from .validation import Limits
@@ -40,21 +43,35 @@ class Core:
         self.limits = limits
         self.types = types  # memory types by name (their validate() checks items)
         self.governance = governance or Governance()
+        # Where refusals are queued for a later group commit (the daemon's writer sets it);
+        # None: each is written at once, in a commit of its own (embedded use).
+        self.refusals: Refusals | None = None
 
     # -- writes ---------------------------------------------------------
 
     def apply(self, writes: Sequence[Write]) -> list[Applied | MemosError]:
         """Make several writes durable in one commit; each slot is what it Applied or its MemosError."""
         pending = self.usage.take()
-        fns: list[Callable[[lmdb.Transaction], Any]] = [self._audited(w) for w in writes]
+        fns: list[Callable[[lmdb.Transaction], Any]] = []
+        # Queued refusals first: they were answered before this commit's writes, mostly.
+        refused = self.refusals.take() if self.refusals is not None else None
+        if refused is not None and refused.records:
+            fns.append(lambda txn: refused.write(txn, self.audit.append))
+        first = len(fns)
+        fns += [self._audited(w) for w in writes]
         if pending:
             fns.append(lambda txn: self.usage.write(txn, pending))
 
         def on_error(txn: lmdb.Transaction, i: int, exc: MemosError) -> None:
-            if i < len(writes):
-                self.audit_failure(txn, writes[i].actor, writes[i].op, writes[i].cube, exc, writes[i].request_id)
+            if first <= i < first + len(writes):
+                w = writes[i - first]
+                self.audit_failure(txn, w.actor, w.op, w.cube, exc, w.request_id)
 
-        return self.store.transact(fns, on_error)[: len(writes)]
+        try:
+            return self.store.transact(fns, on_error)[first:first + len(writes)]
+        finally:
+            if refused is not None and self.refusals is not None:
+                self.refusals.written(refused)
 
     def run(self, write: Write) -> Any:
         """Apply one write now; its result, or its error raised."""
@@ -79,19 +96,25 @@ class Core:
 
     def audit_failure(self, txn: lmdb.Transaction, actor: Actor, op: str, cube: Any, exc: MemosError,
                       request_id: Any = None) -> None:
-        detail: dict[str, Any] = {"code": exc.code, "message": _encodable(exc.message[:500])}
-        if request_id is not None:
-            detail["request_id"] = _encodable(request_id)
-        # The record of a failure must always encode: if it raised here, the
-        # whole group commit (other callers' writes included) would be lost.
-        self.audit.append(txn, actor=actor.name, op=op,
-                          outcome="denied" if isinstance(exc, Denied) else "error",
-                          cube=_encodable(cube[:200]) if isinstance(cube, str) else None, detail=detail)
+        self.audit.append(txn, **failure_record(actor.name, op, cube, exc, request_id))
 
-    def refused(self, actor: Actor, op: str, cube: Any, exc: MemosError) -> MemosError:
-        """Audit a refusal in its own commit; returns ``exc`` for the caller to raise."""
-        self.store.write(lambda txn: self.audit_failure(txn, actor, op, cube, exc))
+    def refused(self, actor: Actor, op: str, cube: Any, exc: MemosError, request_id: Any = None) -> MemosError:
+        """Audit a refusal; returns ``exc`` for the caller to raise.
+
+        With :attr:`refusals` set (the daemon) the record is queued for the writer's next group
+        commit, so a refusal never costs the calling thread a durable commit; otherwise it is
+        written at once.
+        """
+        if self.refusals is not None:
+            self.refusals.add(actor.name, op, cube, exc, request_id)
+        else:
+            self.store.write(lambda txn: self.audit_failure(txn, actor, op, cube, exc, request_id))
         return exc
+
+    def settle_refusals(self, timeout: float = 5.0) -> None:
+        """Wait until the refusals queued so far are in the audit log (for readers of the log)."""
+        if self.refusals is not None:
+            self.refusals.settle(timeout)
 
     def commit(self, txn: lmdb.Transaction, actor: Actor, cube: Cube, op: str,
                changes: list[Change], info: dict[str, Any] | None = None) -> Commit:
@@ -120,9 +143,3 @@ class Core:
         if not actor.admin:
             raise self.refused(actor, op, None, Denied(f"{op} needs the local administrator", agent=actor.name))
 
-
-def _encodable(value: Any) -> Any:
-    """A string that UTF-8 can encode (lone surrogates escaped), for audit records."""
-    if isinstance(value, str):
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
-    return value

@@ -59,14 +59,15 @@ class Memories:
         core = self.core
         items = _once(items)
         if isinstance(items, list):
-            items = [_new_memory(it) for it in items]
+            # Checked here too, before the write is queued: a memory type's prepare stage (embedding)
+            # must not work through a batch the commit would refuse.
+            items = [_new_memory(it) for it in _batch(items, core)]
 
         def fn(txn: lmdb.Transaction) -> Applied:
             found = core.require(txn, actor, cube, Role.write)
             if not isinstance(items, list) or not items:
                 raise InvalidRequest("nothing to add", field="items")
-            if len(items) > core.limits.max_batch:
-                raise TooLarge(f"{len(items)} memories exceed the batch limit of {core.limits.max_batch}", field="items")
+            _batch(items, core)
             mems = [self._build(txn, actor, found, item, request_id) for item in items]
             version = found.version + 1
             for m in mems:
@@ -319,24 +320,28 @@ class Memories:
              usage: bool = False) -> list[Memory]:
         """Memories in id (creation) order, filtered; ``status`` None or "all" lists all.
 
+        At most ``limit`` (itself at most ``max_page``); without one, all of them if they fit in
+        a page, else ``too_large``: page with ``after``, the last id of the previous page.
         ``usage``: with each memory's read counts (those not yet written included).
         """
         core = self.core
 
         def fn(txn: lmdb.Transaction) -> list[Memory]:
             found = core.require(txn, actor, cube, Role.read, shared=True)
-            if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-                raise InvalidRequest("limit must be a non-negative integer", field="limit")
+            wanted_n = check.page(limit, core.limits)
+            room = check.room(wanted_n, core.limits)
             wanted = None if status is None or status == "all" else check.status(status)
             start = None if after is None else check.memory_id(after)
             out: list[Memory] = []
             for mem in memories_at(core, txn, found, None if at is None else version_in(found, at), start):
-                if limit is not None and len(out) >= limit:
+                if len(out) >= room:
                     break
                 if (wanted is None or mem.status is wanted) and (tag is None or tag in mem.tags):
-                    if usage:
-                        mem.usage = Usage.model_validate(core.usage.plain(txn, found.name, mem.id))
                     out.append(mem)
+            out = check.bounded(out, wanted_n, core.limits, "memories match", "after (the last id of a page)")
+            if usage:  # only for the page returned
+                for mem in out:
+                    mem.usage = Usage.model_validate(core.usage.plain(txn, found.name, mem.id))
             return out
 
         return core.read(actor, "list", cube, fn)
@@ -426,6 +431,13 @@ def _new_memory(item: Any) -> Any:
         except TypeError:
             raise InvalidRequest("items must be maps of add's fields", field="items") from None
     return item
+
+
+def _batch(items: list[Any], core: Core) -> list[Any]:
+    if len(items) > core.limits.max_batch:
+        raise TooLarge(f"{len(items)} memories exceed the batch limit of {core.limits.max_batch}",
+                       field="items", limit=core.limits.max_batch)
+    return items
 
 
 def _once(value: Any) -> Any:

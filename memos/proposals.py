@@ -134,16 +134,30 @@ class Proposals:
 
         return core.read(actor, "rollback_show", None, fn)
 
-    def list(self, actor: Actor, cube: str | None = None, status: str = "pending") -> list[Proposal]:
+    def list(self, actor: Actor, cube: str | None = None, status: str = "pending", *,
+             limit: int | None = None, before: str | None = None) -> list[Proposal]:
+        """Proposals newest first. Paged like ``history``: at most ``limit``, continuing ``before``
+        a proposal id (the last of the previous page)."""
         core = self.core
 
         def fn(txn: lmdb.Transaction) -> list[Proposal]:
             if cube is not None:
                 core.require(txn, actor, cube, Role.read, shared=True)
+            wanted_n = check.page(limit, core.limits, least=1)
+            room = check.room(wanted_n, core.limits)
+            if before is not None and not is_id(before):
+                raise InvalidRequest("before is a proposal id", field="before")
             readable: dict[str, bool] = {}
-            out = []
-            for _, raw in txn.cursor(db=self.db):
-                proposal = self._load(raw)
+            out: list[Proposal] = []
+            cur = txn.cursor(db=self.db)
+            # Ids sort by creation time: walk back from the newest (or from ``before``).
+            if before is not None and cur.set_range(before.encode()):  # the first id at or after it
+                ok = cur.prev()
+            else:  # from the newest, or every id is older than ``before``
+                ok = cur.last()
+            while ok and len(out) < room:
+                proposal = self._load(cur.value())
+                ok = cur.prev()
                 if cube is not None and proposal.cube != cube:
                     continue
                 if proposal.cube not in readable:
@@ -156,8 +170,7 @@ class Proposals:
                 shown = "expired" if proposal.expired else proposal.status
                 if status in ("all", shown):
                     out.append(proposal)
-            out.reverse()
-            return out
+            return check.bounded(out, wanted_n, core.limits, "proposals", "before (the last id of a page)")
 
         return core.read(actor, "rollback_proposals", cube, fn)
 

@@ -26,6 +26,14 @@ class Limits(BaseModel):
     max_blob_bytes: int = Field(4 << 30, description="One KV cache or adapter blob.")
     max_batch: int = Field(10_000, description="Memories in one add_many request.")
     max_sources: int = Field(1_000, description="Source memories named by one memory.")
+    max_page: int = Field(1_000, ge=1, description="Items one listing returns (list, history, diff, "
+                          "rollback_proposals); page past it with after/before.")
+    max_past_search_memories: int = Field(50_000, ge=0, description="Searchable memories a cube may hold "
+                                          "at a past version for search at= to index it.")
+    past_search_builds: int = Field(2, ge=1, description="Indexes of past versions built at once; "
+                                    "more such searches get unavailable.")
+    refusal_records_per_s: int = Field(100, ge=1, description="Refusals of one agent audited one by one "
+                                       "each second; past that they are counted, one record per op and code.")
 
 
 def name(value: Any, what: str = "name") -> str:
@@ -77,16 +85,55 @@ def tags(value: Any, limits: Limits) -> list[str]:
         return []
     if isinstance(value, str) or not isinstance(value, Iterable):
         raise InvalidRequest("tags must be a list of strings", field="tags")
-    out: list[str] = []
+    out: dict[str, None] = {}  # ordered and deduplicated in one pass
     for tag in value:
         if not isinstance(tag, str) or not TAG_PATTERN.match(tag):
             raise InvalidRequest(
                 f"tag {str(tag)[:80]!r} is invalid: 1-64 characters, no control characters", field="tags"
             )
-        if tag not in out:
-            out.append(tag)
-    if len(out) > limits.max_tags:
-        raise TooLarge(f"{len(out)} tags exceed the limit of {limits.max_tags}", field="tags")
+        out[tag] = None
+        if len(out) > limits.max_tags:  # refused at once: a huge list costs no more than the limit
+            raise TooLarge(f"more than {limits.max_tags} tags exceed the limit of {limits.max_tags}",
+                           field="tags", limit=limits.max_tags)
+    return list(out)
+
+
+def page(limit: Any, limits: Limits, field: str = "limit", least: int = 0) -> int | None:
+    """A listing's ``limit``: at most ``max_page``; None (not given) stays None, for :func:`bounded`."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < least:
+        raise InvalidRequest(f"{field} must be an integer of at least {least}", field=field)
+    if limit > limits.max_page:
+        raise TooLarge(f"{field} {limit} exceeds the largest page, {limits.max_page}: "
+                       f"ask for at most {limits.max_page} and page on", field=field, limit=limits.max_page)
+    return limit
+
+
+def room(limit: int | None, limits: Limits) -> int:
+    """How many items a listing may gather: its limit, or one past the largest page when none was given
+    (so that :func:`bounded` can tell a listing that does not fit)."""
+    return limits.max_page + 1 if limit is None else limit
+
+
+def bounded(items: list[Any], limit: int | None, limits: Limits, what: str, cursor: str) -> list[Any]:
+    """``items`` gathered up to :func:`room`; refused when no limit was given and they did not fit in a page."""
+    if limit is None and len(items) > limits.max_page:
+        raise TooLarge(f"more than {limits.max_page} {what}: pass limit (at most {limits.max_page}) and "
+                       f"page with {cursor}", field="limit", limit=limits.max_page)
+    return items
+
+
+def ids(value: Any, limits: Limits, field: str = "ids") -> list[Any]:
+    """A list of memory ids named by one request: at most ``max_batch`` (each id is checked where used)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise InvalidRequest(f"{field} must be a list of ids", field=field)
+    out: list[Any] = []
+    for item in value:
+        out.append(item)
+        if len(out) > limits.max_batch:
+            raise TooLarge(f"more than {limits.max_batch} ids in {field} exceed the batch limit of "
+                           f"{limits.max_batch}", field=field, limit=limits.max_batch)
     return out
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lmdb
@@ -11,7 +11,7 @@ from . import catalog, codec
 from . import validation as check
 from .access import Actor
 from .core import Core
-from .errors import Denied, InvalidRequest, NotFound
+from .errors import Denied, NotFound
 from .ledger import ABSENT
 from .memories import _once, version_in
 from .models import Change, Commit, Cube, DiffEntry, Memory, Role
@@ -26,50 +26,67 @@ class Versions:
 
     def history(self, actor: Actor, cube: str, *, memory_id: str | None = None,
                 limit: int | None = None, before: int | None = None) -> list[Commit]:
-        """Commits newest first; with ``memory_id``, only those that touched it."""
-        ledger = self.core.ledger
+        """Commits newest first; with ``memory_id``, only those that touched it.
+
+        At most ``limit`` (itself at most ``max_page``); without one, all of them if they fit in
+        a page, else ``too_large``: page with ``before``, the version of the last commit of a page.
+        """
+        core = self.core
+        ledger = core.ledger
 
         def fn(txn: lmdb.Transaction) -> list[Commit]:
-            found = self.core.require(txn, actor, cube, Role.read, shared=True)
-            if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-                raise InvalidRequest("limit must be a positive integer", field="limit")
+            found = core.require(txn, actor, cube, Role.read, shared=True)
+            wanted_n = check.page(limit, core.limits, least=1)
+            room = check.room(wanted_n, core.limits)
             hi = found.version if before is None else check.version(before, "before") - 1
+            out: list[Commit] = []
             if memory_id is not None:
                 wanted = check.memory_id(memory_id)
                 versions = [v for v in ledger.memory_versions(txn, found.name, wanted) if v <= hi]
                 if not versions and hi >= found.version:
                     raise NotFound(f"no memory {wanted} in cube {found.name!r}", memory=wanted)
                 versions.reverse()
-                return [ledger.commit(txn, found.name, v) for v in versions[:limit]]
-            out = []
-            for commit in ledger.commits(txn, found.name, 0, hi, newest_first=True):
-                out.append(commit)
-                if limit is not None and len(out) >= limit:
-                    break
-            return out
+                out = [ledger.commit(txn, found.name, v) for v in versions[:room]]
+            else:
+                for commit in ledger.commits(txn, found.name, 0, hi, newest_first=True):
+                    if len(out) >= room:
+                        break
+                    out.append(commit)
+            return check.bounded(out, wanted_n, core.limits, "commits", "before (the version of a page's last commit)")
 
         return self.core.read(actor, "history", cube, fn)
 
-    def diff(self, actor: Actor, cube: str, v1: int, v2: int) -> list[DiffEntry]:
-        """What changed from version ``v1`` to ``v2`` (either order)."""
-        ledger = self.core.ledger
+    def diff(self, actor: Actor, cube: str, v1: int, v2: int, *, limit: int | None = None,
+             after: str | None = None) -> list[DiffEntry]:
+        """What changed from version ``v1`` to ``v2`` (either order), in the order the memories were
+        first touched. Paged like ``list``: at most ``limit``, continuing ``after`` a memory id."""
+        core = self.core
+        ledger = core.ledger
 
         def fn(txn: lmdb.Transaction) -> list[DiffEntry]:
-            found = self.core.require(txn, actor, cube, Role.read, shared=True)
+            found = core.require(txn, actor, cube, Role.read, shared=True)
             a, b = version_in(found, v1), version_in(found, v2)
-            out = []
-            for memory_id in ledger.touched_between(txn, found.name, min(a, b), max(a, b)):
+            wanted_n = check.page(limit, core.limits)
+            room = check.room(wanted_n, core.limits)
+            touched = ledger.touched_between(txn, found.name, min(a, b), max(a, b))
+            if after is not None:
+                start = check.memory_id(after)
+                touched = touched[touched.index(start) + 1:] if start in touched else []
+            out: list[DiffEntry] = []
+            for memory_id in touched:
+                if len(out) >= room:
+                    break
                 old = ledger.state_at(txn, found.name, memory_id, a)
                 new = ledger.state_at(txn, found.name, memory_id, b)
                 if (old and old[1]) == (new and new[1]):
                     continue
                 before = Memory.from_state_bytes(old[1], old[0]) if old else None
-                after = Memory.from_state_bytes(new[1], new[0]) if new else None
-                change = "added" if before is None else "removed" if after is None else "modified"
-                out.append(DiffEntry(memory_id=memory_id, change=change, before=before, after=after))
-            return out
+                after_ = Memory.from_state_bytes(new[1], new[0]) if new else None
+                change = "added" if before is None else "removed" if after_ is None else "modified"
+                out.append(DiffEntry(memory_id=memory_id, change=change, before=before, after=after_))
+            return check.bounded(out, wanted_n, core.limits, "memories differ", "after (the last memory id of a page)")
 
-        return self.core.read(actor, "diff", cube, fn)
+        return core.read(actor, "diff", cube, fn)
 
     def write_rollback(self, actor: Actor, cube: Any, to_version: Any,
                        memory_ids: Sequence[str] | None = None, request_id: str | None = None) -> Write:
@@ -106,9 +123,7 @@ def rollback_plan(core: Core, txn: lmdb.Transaction, found: Cube, target: int,
     ledger = core.ledger
     touched = ledger.touched_between(txn, found.name, target, found.version)
     if memory_ids is not None:
-        if isinstance(memory_ids, (str, bytes)) or not isinstance(memory_ids, Iterable):
-            raise InvalidRequest("memory_ids must be a list of ids", field="memory_ids")
-        chosen = {check.memory_id(m) for m in memory_ids}
+        chosen = {check.memory_id(m) for m in check.ids(memory_ids, core.limits, "memory_ids")}
         for memory_id in sorted(chosen):
             if not ledger.memory_versions(txn, found.name, memory_id):
                 raise NotFound(f"no memory {memory_id} in cube {found.name!r}", memory=memory_id)

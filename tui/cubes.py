@@ -9,6 +9,8 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable
 
+from memos.paging import every_async
+
 from .format import size
 
 TYPES = ("plaintext", "activation", "parameter")
@@ -27,7 +29,8 @@ class CubesPane(Vertical):
         for cube in await client.cube_list():
             counts: Counter[str] = Counter()
             total = 0
-            for m in await client.list(cube.name):
+            for m in await every_async(lambda n, after, name=cube.name: client.list(name, limit=n, after=after),
+                                       lambda m: m.id):
                 counts[m.type] += 1
                 total += len((m.text or "").encode()) + (m.blob.size if m.blob else 0)
             other = sum(n for t, n in counts.items() if t not in TYPES)

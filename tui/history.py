@@ -11,6 +11,7 @@ from textual.containers import Vertical
 from textual.widgets import DataTable, Label
 
 from memos.errors import MemosError
+from memos.paging import every_async
 
 from .dialogs import ConfirmRollback, TextScreen, diff_lines
 from .format import body, short, when
@@ -52,7 +53,8 @@ class HistoryPane(Vertical):
     async def reload(self) -> None:
         cube = self.app.cube  # type: ignore[attr-defined]
         history = await self.client.history(cube, limit=500) if cube is not None else []
-        pending = await self.client.rollback_proposals()
+        pending = await every_async(lambda n, before: self.client.rollback_proposals(limit=n, before=before),
+                                    lambda p: p.id)
         commits = self.query_one("#commits", DataTable)
         keep = commits.cursor_row
         commits.clear()
@@ -67,6 +69,11 @@ class HistoryPane(Vertical):
             state = "STALE" if p.stale else "expired" if p.expired else p.status
             proposals.add_row(p.id, p.cube, f"v{p.to_version}", p.proposer, len(p.plan), when(p.expires_at),
                               state, short(p.reason, 30), key=p.id)
+
+    async def _diff(self, cube: str, v1: int, v2: int) -> list[Any]:
+        """The whole diff, a page at a time."""
+        return await every_async(lambda n, after: self.client.diff(cube, v1, v2, limit=n, after=after),
+                                 lambda e: e.memory_id)
 
     def _version(self) -> int | None:
         commits = self.query_one("#commits", DataTable)
@@ -88,7 +95,7 @@ class HistoryPane(Vertical):
             return
         v1, v2 = self.marked if len(self.marked) == 2 else (max(version - 1, 0), version)
         try:
-            entries = await self.client.diff(cube, v1, v2)
+            entries = await self._diff(cube, v1, v2)
         except MemosError as exc:  # shown, not raised: a TUI keeps running
             self.app.fail(exc)  # type: ignore[attr-defined]
             return
@@ -100,7 +107,8 @@ class HistoryPane(Vertical):
         if cube is None or version is None:
             return
         try:
-            mems = await self.client.list(cube, at=version, status="all")
+            mems = await every_async(lambda n, after: self.client.list(cube, at=version, status="all", limit=n,
+                                                                       after=after), lambda m: m.id)
         except MemosError as exc:
             self.app.fail(exc)  # type: ignore[attr-defined]
             return
@@ -114,7 +122,7 @@ class HistoryPane(Vertical):
             return
         try:
             head = (await self.client.cube_get(cube)).version
-            lines = diff_lines(await self.client.diff(cube, head, version)) if version < head else ["(no differences)"]
+            lines = diff_lines(await self._diff(cube, head, version)) if version < head else ["(no differences)"]
         except MemosError as exc:
             self.app.fail(exc)  # type: ignore[attr-defined]
             return

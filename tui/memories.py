@@ -10,6 +10,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Input, Select, Static
 
+from memos.paging import every_async
+
 from .format import body, short, size, when
 
 TYPE_CHOICES = [("any type", "all"), ("plaintext", "plaintext"), ("activation", "activation"),
@@ -54,7 +56,8 @@ class MemoriesPane(Vertical):
             found = [h.memory for h in await client.search(cube, self.query_text, k=50,
                                                            status="all" if status == "deleted" else status)]
         else:
-            found = await client.list(cube, status=status, tag=tag, usage=True)
+            found = await every_async(lambda n, after: client.list(cube, status=status, tag=tag, usage=True, limit=n,
+                                                                   after=after), lambda m: m.id)
         shown = [m for m in found if (kind == "all" or m.type == kind) and text in (m.text or "").lower()
                  and (tag is None or tag in m.tags) and status in ("all", m.status.value)]
         self.details = {}

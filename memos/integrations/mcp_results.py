@@ -90,6 +90,8 @@ class Diff(BaseModel):
     v1: int
     v2: int
     changes: list[DiffChange]
+    next_after: str | None = Field(
+        None, description="pass as `after` to get the next page of changes (null: no more).")
 
 
 class RolledBack(BaseModel):
@@ -174,6 +176,15 @@ class Activations(BaseModel):
 
 def iso_time(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def diff_page(cube: str, v1: int, v2: int, entries: list[Any], limit: int) -> Diff:
+    """A page of ``diff``; ``next_after`` is set when the page is full (more may follow)."""
+    changes = [DiffChange(memory_id=e.memory_id, change=e.change,
+                          before=e.before and memory_out(e.before), after=e.after and memory_out(e.after))
+               for e in entries]
+    return Diff(cube=cube, v1=v1, v2=v2, changes=changes,
+                next_after=entries[-1].memory_id if len(entries) == limit else None)
 
 
 def memory_out(m: Memory, score: float | None = None) -> MemoryOut:

@@ -50,7 +50,7 @@ from .mcp_results import (
     AuditHead,
     AuditReport,
     Diff,
-    DiffChange,
+    diff_page,
     Generated,
     History,
     Job,
@@ -118,6 +118,8 @@ CubeName = Annotated[str, Field(description="The cube's name (see the resource m
 MemoryId = Annotated[str, Field(description="The memory's id.", min_length=1, max_length=64)]
 Tags = Annotated[list[str] | None, Field(description="Tags, e.g. [\"preferences\"].")]
 Version = Annotated[int, Field(ge=0, description="A cube version (see `history`).")]
+After = Annotated[str | None, Field(max_length=64, description="Continue after this memory id.")]
+Changes = Annotated[int, Field(ge=1, le=500, description="At most this many changes.")]
 ModelName = Annotated[str | None, Field(max_length=64, description="A configured model's name (default: the default).")]
 
 READ = ToolAnnotations(read_only_hint=True, open_world_hint=False)
@@ -223,7 +225,7 @@ def build_server(memos: Memosd) -> MCPServer:
         status: Annotated[Literal["active", "archived", "deleted", "all"], Field(
             description="Which memories: active (default), archived, deleted or all.")] = "active",
         limit: Annotated[int, Field(ge=1, le=500, description="At most this many.")] = 50,
-        after: Annotated[str | None, Field(max_length=64, description="Continue after this memory id.")] = None,
+        after: After = None,
         at: Annotated[int | None, Field(ge=0, description="List the cube as it was at this version.")] = None,
     ) -> Annotated[CallToolResult, Memories]:
         async def work() -> CallToolResult:
@@ -283,15 +285,13 @@ def build_server(memos: Memosd) -> MCPServer:
 
     @tool("diff", ("diff",), READ,
           "The memories that differ between two versions of a cube: added, removed or modified, with "
-          "their state before and after.")
-    async def diff(cube: CubeName, v1: Version, v2: Version) -> Annotated[CallToolResult, Diff]:
+          "their state before and after, one page at a time (pass `next_after` back as `after`).")
+    async def diff(cube: CubeName, v1: Version, v2: Version, after: After = None,
+                   limit: Changes = 100) -> Annotated[CallToolResult, Diff]:
         async def work() -> CallToolResult:
-            entries = await memos.call(lambda: client.diff(cube, v1, v2))
-            changes = [DiffChange(memory_id=e.memory_id, change=e.change,
-                                  before=e.before and memory_out(e.before), after=e.after and memory_out(e.after))
-                       for e in entries]
-            return framed(Diff(cube=cube, v1=v1, v2=v2, changes=changes),
-                          framing_text(f"{len(changes)} memories differ between versions {v1} and {v2} of cube {cube!r}"))
+            entries = await memos.call(lambda: client.diff(cube, v1, v2, limit=limit, after=after))
+            return framed(diff_page(cube, v1, v2, entries, limit),
+                          framing_text(f"{len(entries)} memories differ between versions {v1} and {v2} of cube {cube!r}"))
         return await guarded(work)
 
     @tool("rollback", ("rollback",), CHANGE,

@@ -38,13 +38,19 @@ class Source:
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
-def select(snap: Snapshot, ids: list[str] | None, tag: str | None, op: str = "activate") -> list[Source]:
-    """The active plaintext memories to build from (or distil), in id (creation) order."""
+def select(snap: Snapshot, ids: list[str] | None, tag: str | None, op: str = "activate",
+           most: int | None = None) -> list[Source]:
+    """The active plaintext memories to build from (or distil), in id (creation) order.
+
+    ``most``: how many one memory may be built from; more ids are refused before any is read.
+    """
     if ids is not None and tag is not None:
         raise InvalidRequest("give ids or a tag, not both", field="tag")
     if ids is not None:
         if not ids:
             raise InvalidRequest("ids is empty", field="ids")
+        if most is not None and len(set(ids)) > most:
+            raise TooLarge(f"{len(set(ids))} memories exceed the {most} one {op} takes", field="ids", limit=most)
         found = snap.get_many(sorted(set(ids)))
         out = []
         for memory_id in sorted(set(ids)):
@@ -58,8 +64,14 @@ def select(snap: Snapshot, ids: list[str] | None, tag: str | None, op: str = "ac
                 raise InvalidRequest(f"memory {memory_id} is {mem['status']}, not active", field="ids")
             out.append(Source(memory_id, mem["version"], mem["text"], mem.get("metadata") or {}))
         return out
-    out = [Source(m.id, m.version, m.text, m.metadata) for m in snap.memories(type=PLAINTEXT)
-           if m.status.value == "active" and m.text and (tag is None or tag in m.tags)]
+    out = []
+    for m in snap.memories(type=PLAINTEXT):
+        if m.status.value == "active" and m.text and (tag is None or tag in m.tags):
+            out.append(Source(m.id, m.version, m.text, m.metadata))
+            if most is not None and len(out) > most:
+                raise TooLarge(f"more than {most} memories{f' tagged {tag!r}' if tag else ''}: one {op} takes at "
+                               f"most {most}; tag fewer, or name them with ids", field="tag" if tag else "cube",
+                               limit=most)
     if not out:
         what = f" tagged {tag!r}" if tag is not None else ""
         raise InvalidRequest(f"cube {snap.cube.name!r} has no active plaintext memories{what} to {op}",
@@ -93,7 +105,7 @@ class Builder:
         name, identity = self.registry.identity(model)  # NotFound before any job starts
         with self.services.snapshot(actor, cube, op="activate", role="write") as snap:
             cube_name = snap.cube.name
-            sources = select(snap, ids, tag)
+            sources = select(snap, ids, tag, most=self.services.limits.max_sources)
             weights = None
             if adapter is not None:  # read and checked now: the job builds with what was asked
                 chosen = adapters.named(snap, adapter, identity.key)

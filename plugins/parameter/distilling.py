@@ -74,10 +74,10 @@ class Distiller:
                 overrides: Any) -> dict[str, Any]:
         recipe = self.recipe(overrides)
         entry = self.model(actor, model)
+        limit = min(self.settings.max_facts, self.services.limits.max_sources)
         with self.services.snapshot(actor, cube, op="distill", role="write") as snap:
             cube_name = snap.cube.name
-            sources = select(snap, ids, tag, op="distil")
-        limit = min(self.settings.max_facts, self.services.limits.max_sources)
+            sources = select(snap, ids, tag, op="distil", most=limit)
         if len(sources) > limit:
             raise TooLarge(f"{len(sources)} memories exceed the {limit} one distillation takes", field="ids")
         examples = [example(s.text, s.metadata) for s in sources]

@@ -9,6 +9,11 @@ that passes the filters scored (``allow``).
 
 At a past version: an index of the cube as it was, built from the store on
 first use and kept for the next few queries (a past version never changes).
+Building one costs time and memory in proportion to the cube, so it is
+bounded: a cube that held more than ``[limits] max_past_search_memories``
+searchable memories at that version is refused (``too_large``), and at most
+``[limits] past_search_builds`` such indexes are built at once (more get
+``unavailable``: retry shortly).
 
 The query is embedded on a small pool of its own while the index computes
 the lexical half, so most of the embedding's time is hidden.
@@ -20,13 +25,15 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from memos.errors import InvalidRequest, Unavailable
-from memos.memtypes import Services
+from memos import validation as check
+from memos.errors import InvalidRequest, TooLarge, Unavailable
+from memos.memtypes import Services, Snapshot
 
 from .indexes import Indexes, doc, searchable
 from .retrieval import Hit, HybridIndex
@@ -77,6 +84,7 @@ class Searcher:
         self._queries = ThreadPoolExecutor(2, thread_name_prefix="memosd-query")
         self._past: OrderedDict[tuple[Any, ...], tuple[HybridIndex, dict[str, dict[str, Any]]]] = OrderedDict()
         self._lock = threading.Lock()
+        self._builds = threading.BoundedSemaphore(services.limits.past_search_builds)
 
     def stop(self) -> None:
         self._queries.shutdown(wait=True)
@@ -85,40 +93,69 @@ class Searcher:
                tags: list[str] | None = None, status: str = "active", since: float | None = None,
                until: float | None = None, metadata: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """The ``k`` best memories of ``cube`` for ``query`` that pass the filters, best first."""
-        with self.services.snapshot(actor, cube, op="search", at=at) as snap:  # access check, audited on denial
-            if not isinstance(query, str) or not query.strip():
-                raise InvalidRequest("query is empty", field="query")
-            keep = make_filter(status, tags, since, until, metadata)
-            model = self.vectors.model  # Unavailable now rather than inside the index
-            try:
-                embedding = self._queries.submit(self.vectors.embed, [query])
-            except RuntimeError:  # stopped: the daemon is shutting down
-                raise Unavailable("memosd is shutting down") from None
-            version = snap.version
-            key: tuple[Any, ...] = (cube, version, model.identity)
-            past = found = None
+        with ExitStack() as held:  # a past-version build this search holds, released when it ends
+            with self.services.snapshot(actor, cube, op="search", at=at) as snap:  # access check, audited on denial
+                if not isinstance(query, str) or not query.strip():
+                    raise InvalidRequest("query is empty", field="query")
+                limits = self.services.limits
+                # Each filter is tested against every candidate: its size is bounded like a memory's own.
+                if tags is not None and len(tags) > limits.max_tags:
+                    raise TooLarge(f"{len(tags)} tags exceed the limit of {limits.max_tags}", field="tags",
+                                   limit=limits.max_tags)
+                if metadata is not None:
+                    check.metadata(metadata, limits)
+                keep = make_filter(status, tags, since, until, metadata)
+                model = self.vectors.model  # Unavailable now rather than inside the index
+                version = snap.version
+                key: tuple[Any, ...] = (cube, version, model.identity)
+                past = found = None
+                if at is not None:
+                    past = self._kept(key)
+                    if past is None:  # refused here, inside the snapshot, so that the refusal is audited
+                        if not self._builds.acquire(blocking=False):
+                            raise Unavailable(
+                                f"{limits.past_search_builds} searches of past versions are being indexed; "
+                                "retry shortly", cube=cube, limit=limits.past_search_builds)
+                        held.callback(self._builds.release)
+                        found = self._past_memories(snap, limits.max_past_search_memories)
+                try:
+                    embedding = self._queries.submit(self.vectors.embed, [query])
+                except RuntimeError:  # stopped: the daemon is shutting down
+                    raise Unavailable("memosd is shutting down") from None
+
+            def qvec() -> np.ndarray:  # the index asks once its lexical scores are done
+                return embedding.result()[0]
+
             if at is not None:
-                past = self._kept(key)
-                found = None if past is not None else [m for m in snap.memories(type=NAME) if searchable(m)]
-
-        def qvec() -> np.ndarray:  # the index asks once its lexical scores are done
-            return embedding.result()[0]
-
-        if at is not None:
-            if past is None:
-                past = self._past_version(key, found or [])
-            index, mems = past
-            allow = {i for i, m in mems.items() if keep(m)}
-            hits = index.search(query, qvec, k, allow=allow)
-        else:
-            index = self.indexes.index_for(cube, version)
-            hits, mems = self._filtered(actor, cube, index, query, qvec, k, keep)
+                if past is None:
+                    past = self._past_version(key, found or [])
+                index, mems = past
+                allow = {i for i, m in mems.items() if keep(m)}
+                hits = index.search(query, qvec, k, allow=allow)
+            else:
+                index = self.indexes.index_for(cube, version)
+                hits, mems = self._filtered(actor, cube, index, query, qvec, k, keep)
         results = [{"memory": mems[h.id], "score": h.score, "lexical": h.lexical, "dense": h.dense}
                    for h in hits if h.id in mems][:k]
         self.services.record_reads(cube, [r["memory"]["id"] for r in results])
         return results
 
     # -- past versions --------------------------------------------------------
+
+    @staticmethod
+    def _past_memories(snap: Snapshot, most: int) -> list[Any]:
+        """The searchable memories of a past version; ``too_large`` as soon as there are more than ``most``."""
+        found = []
+        for m in snap.memories(type=NAME):
+            if searchable(m):
+                found.append(m)
+                if len(found) > most:
+                    raise TooLarge(
+                        f"cube {snap.cube.name!r} held more than {most} searchable memories at version "
+                        f"{snap.version}, more than a search at a past version indexes: search it as it is "
+                        "now (without at), read that version with list (at=, paged), or raise "
+                        "[limits] max_past_search_memories", field="at", cube=snap.cube.name, limit=most)
+        return found
 
     def _kept(self, key: tuple[Any, ...]) -> tuple[HybridIndex, dict[str, dict[str, Any]]] | None:
         with self._lock:

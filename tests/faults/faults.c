@@ -13,6 +13,10 @@
  *
  * Failing disk. While the file named by MEMOS_FAULT_FILE exists, every write to and flush of an
  * LMDB data file fails: with ENOSPC if the file says "enospc", else with EIO.
+ *
+ * Counting flushes. When MEMOS_SYNC_COUNT names a file, every successful fsync/fdatasync of an
+ * LMDB data file adds one to a count that the file then holds (a decimal number): one per durable
+ * commit. tests/test_bounds.py reads it to tell how many commits a burst of requests cost.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -90,6 +94,23 @@ static void snapshot(int fd) {
     pthread_mutex_unlock(&lock);
 }
 
+static long sync_count = 0;
+
+/* One more flush of an LMDB data file: write the count to MEMOS_SYNC_COUNT, if set. */
+static void count_sync(void) {
+    const char *file = getenv("MEMOS_SYNC_COUNT");
+    if (!file) return;
+    pthread_mutex_lock(&lock);
+    char text[32];
+    int n = snprintf(text, sizeof text, "%ld\n", ++sync_count);
+    int f = real_open(file, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    if (f >= 0) {
+        if (real_write(f, text, (size_t)n) != n) { /* a short count is read as such */ }
+        real_close(f);
+    }
+    pthread_mutex_unlock(&lock);
+}
+
 static int synced(int fd) { return fd >= 0 && fd < MAX_FD && tracked[fd] == 2; }
 static int data(int fd) { return fd >= 0 && fd < MAX_FD && tracked[fd]; }
 
@@ -130,11 +151,11 @@ int close(int fd) {
 
 int fsync(int fd) {
     init(); if (failing(fd)) return -1;
-    int rc = real_fsync(fd); if (rc == 0 && data(fd)) snapshot(fd); return rc;
+    int rc = real_fsync(fd); if (rc == 0 && data(fd)) { snapshot(fd); count_sync(); } return rc;
 }
 int fdatasync(int fd) {
     init(); if (failing(fd)) return -1;
-    int rc = real_fdatasync(fd); if (rc == 0 && data(fd)) snapshot(fd); return rc;
+    int rc = real_fdatasync(fd); if (rc == 0 && data(fd)) { snapshot(fd); count_sync(); } return rc;
 }
 
 ssize_t pwrite(int fd, const void *buf, size_t count, off_t offset) {
