@@ -217,6 +217,7 @@ def test_sigkill_at_random_moments_loses_no_acknowledged_write():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_sigkill_long_run_checks_everything_after_every_kill(request):
     if "slow" not in (request.config.option.markexpr or ""):
         pytest.skip("the long crash run: pytest -m slow tests/test_crash_harness.py")
