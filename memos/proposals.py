@@ -54,7 +54,8 @@ class Proposals:
                 raise InvalidRequest(f"cube {found.name!r} would not change: nothing to propose", field="to_version")
             now = clock.now()
             proposal = Proposal(
-                id=new_id(), cube=found.name, to_version=target, proposer=actor.name, reason=reason,
+                id=new_id(), cube=found.name, to_version=target, proposer=actor.name, proposer_id=actor.key,
+                reason=reason,
                 memory_ids=None if memory_ids is None else [check.memory_id(m) for m in memory_ids],
                 created_at=now, expires_at=now + core.governance.proposal_ttl_s,
                 base_version=found.version, plan=plan_hashes(plan),
@@ -69,7 +70,7 @@ class Proposals:
 
         def fn(txn: lmdb.Transaction) -> Applied:
             proposal, found = self._decidable(txn, actor, id)
-            if proposal.proposer == actor.name:
+            if _proposed_by(proposal, actor):
                 raise Denied("a proposal must be approved by an agent other than its proposer",
                              proposal=proposal.id, agent=actor.name)
             if core.governance.rollback_mode(found.name, actor.name) == "deny":
@@ -107,7 +108,7 @@ class Proposals:
     def _decidable(self, txn: lmdb.Transaction, actor: Actor, id: Any, withdraw: bool = False) -> tuple[Proposal, Cube]:
         """A pending proposal and its cube, if ``actor`` may decide it (the proposer may withdraw)."""
         proposal = self._get(txn, id)
-        if withdraw and proposal.proposer == actor.name:
+        if withdraw and _proposed_by(proposal, actor):
             found = self.core.require(txn, actor, proposal.cube, Role.read)
         else:
             found = self.core.require(txn, actor, proposal.cube, Role.admin)
@@ -207,3 +208,8 @@ class Proposals:
     def _detail(proposal: Proposal) -> dict[str, Any]:
         return {"proposal": proposal.id, "proposer": proposal.proposer, "to_version": proposal.to_version,
                 "status": proposal.status}
+
+
+def _proposed_by(proposal: Proposal, actor: Actor) -> bool:
+    """By the agent itself, not one that took its name later (ids are never reused)."""
+    return proposal.proposer_id == actor.key if proposal.proposer_id else proposal.proposer == actor.name
