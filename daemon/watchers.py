@@ -11,7 +11,9 @@ Events of a cube that no longer exists (its deletion) reach the administrator
 and the agent that made the change; events of no cube (jobs of no cube: model
 loads) reach the administrator only. A watcher whose connection has gone is
 dropped at its next event; one that falls too far behind (ZeroMQ's high-water
-mark) misses events rather than holding the daemon up.
+mark) misses events rather than holding the daemon up. One connection may hold
+several watches (each answered under its own request id), up to
+``PER_CONNECTION``, so that one client cannot take every slot.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from memos.models import Cube, Role
 log = logging.getLogger("memosd.watchers")
 
 Send = Callable[[bytes, bytes], None]  # (client identity, encoded partial reply)
+PER_CONNECTION = 16
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class Watchers:
         self.send = send
         self.limit = limit
         self._lock = threading.Lock()
-        self._watchers: dict[bytes, Watcher] = {}
+        self._watchers: dict[tuple[bytes, str], Watcher] = {}
         self._closed = False
 
     def add(self, watcher: Watcher) -> None:
@@ -58,12 +61,17 @@ class Watchers:
         with self._lock:
             if self._closed:
                 raise Unavailable("memosd is stopping")
-            if watcher.identity not in self._watchers and len(self._watchers) >= self.limit:
-                raise Unavailable(f"memosd already serves {self.limit} watchers; try again later",
-                                  limit=self.limit)
+            key = (watcher.identity, watcher.request_id)
+            if key not in self._watchers:
+                if len(self._watchers) >= self.limit:
+                    raise Unavailable(f"memosd already serves {self.limit} watchers; try again later",
+                                      limit=self.limit)
+                if sum(k[0] == watcher.identity for k in self._watchers) >= PER_CONNECTION:
+                    raise Unavailable(f"one connection may watch {PER_CONNECTION} times at most",
+                                      limit=PER_CONNECTION)
             if watcher.cube is not None:
                 self._readable(watcher.actor, watcher.cube)  # a cube it may not read: refused now
-            self._watchers[watcher.identity] = watcher
+            self._watchers[key] = watcher
         self._send(watcher, {"op": "watch", "cube": watcher.cube or "", "actor": watcher.actor.name,
                              "time": 0.0, "version": 0, "memories": []})
 
@@ -76,8 +84,10 @@ class Watchers:
         raise InvalidRequest("watch is served to clients on memosd's socket only", op="watch")
 
     def drop(self, identity: bytes) -> None:
+        """Forget every watch of a connection that has gone."""
         with self._lock:
-            self._watchers.pop(identity, None)
+            for key in [k for k in self._watchers if k[0] == identity]:
+                del self._watchers[key]
 
     def __len__(self) -> int:
         return len(self._watchers)

@@ -41,7 +41,8 @@ def _stored(writer: Writer) -> tuple[set[bytes], list[bytes]]:
 
 
 def _key(rid: str) -> bytes:
-    return f"{ALICE.name}\0{rid}".encode()
+    """Where a reply to alice is stored: under her id, not her name (a later alice must not replay it)."""
+    return f"{ALICE.key}\0{rid}".encode()
 
 
 def test_expired_replies_are_forgotten_oldest_first_in_batches(writer, cube, monkeypatch):

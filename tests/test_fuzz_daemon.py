@@ -49,7 +49,11 @@ class Session:
         reply = self.raw.recv(timeout=15)
         while "partial" in reply:  # a streaming operation's pieces come first, then its one reply
             assert reply["ok"] is True and set(reply) == {"v", "id", "ok", "partial"}, reply
-            reply = self.raw.recv(timeout=15)
+            piece = reply["partial"]
+            if isinstance(piece, dict) and piece.get("op") == "watch":  # a watch stays open: this is its answer
+                assert expected_code(frames) is None, f"watched on a frame the protocol refuses: {frames!r:.300}"
+                return reply
+            reply = self.raw.recv(timeout=15)  # (or an event of an earlier watch on this connection)
         assert set(reply) >= {"v", "id", "ok"}, reply
         want = expected_code(frames)
         if reply["ok"] is True:
