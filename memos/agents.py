@@ -155,10 +155,21 @@ class Agents:
 
     # -- reads ------------------------------------------------------------
 
-    def list(self, actor: Actor) -> list[catalog.Agent]:
+    def list(self, actor: Actor, limit: int | None = None, after: str | None = None) -> list[catalog.Agent]:
+        """Agents by name: at most ``limit``, those named after ``after``."""
+        limits = self.core.limits
+
         def fn(txn: lmdb.Transaction) -> list[catalog.Agent]:
             self._admin(actor, "agent_list")
-            return [catalog.Agent.model_validate(codec.unpack(raw)) for _, raw in txn.cursor(db=self.db)]
+            wanted = check.page(limit, limits, least=1)
+            cur = txn.cursor(db=self.db)
+            out: list[catalog.Agent] = []
+            ok = cur.set_range(after.encode()) if after else cur.first()
+            while ok and len(out) < check.room(wanted, limits):
+                if not after or bytes(cur.key()) != after.encode():
+                    out.append(catalog.Agent.model_validate(codec.unpack(cur.value())))
+                ok = cur.next()
+            return check.bounded(out, wanted, limits, "agents", "after (the last name of a page)")
 
         return self.core.read(actor, "agent_list", None, fn)
 

@@ -78,6 +78,11 @@ Name = str  # checked by memos.validation; the schema only bounds the length
 RoleName = Literal["read", "write", "admin"]
 
 
+class NamesPage(Args):
+    limit: int | None = Field(None, ge=1)  # at most [limits] max_page
+    after: str | None = Field(None, max_length=200)  # a name: the page after it
+
+
 class CubeArgs(Args):
     cube: Name = Field(max_length=200)
 
@@ -95,7 +100,7 @@ class GrantArgs(CubeArgs):
 CUBES_OPERATIONS = (
     Operation("cube_create", CubeCreateArgs, Cube, "writer", "Create a cube owned by the caller.",
               "write_create_cube", ("name", "settings")),
-    Operation("cube_list", NoArgs, list[Cube], "worker", "Cubes the caller may read.", "list_cubes"),
+    Operation("cube_list", NamesPage, list[Cube], "worker", "Cubes the caller may read, by name.", "list_cubes"),
     Operation("cube_get", CubeArgs, Cube, "inline", "One cube: owner, ACL, version.", "get_cube", ("cube",)),
     Operation("cube_grant", GrantArgs, Cube, "writer",
               "Set or (role null) remove an agent's role (cube admin).", "write_grant", ("cube", "agent", "role")),
@@ -330,7 +335,7 @@ class AgentArgs(Args):
 AGENTS_OPERATIONS = (
     Operation("agent_add", AgentArgs, AgentToken, "writer", "Register an agent; returns its token (admin).",
               "write_add", ("name",)),
-    Operation("agent_list", NoArgs, list[Agent], "worker", "Registered agents (admin).", "list"),
+    Operation("agent_list", NamesPage, list[Agent], "worker", "Registered agents by name (admin).", "list"),
     Operation("agent_remove", AgentArgs, AgentRemoved, "writer",
               "Remove an agent: its token stops at once, its grants go, its cubes pass to the admin (admin).",
               "write_remove", ("name",)),

@@ -72,10 +72,21 @@ class Cubes:
         return self.core.read(actor, "get_cube", cube,
                               lambda txn: self._shown(txn, self.core.require(txn, actor, cube, Role.read)))
 
-    def list_cubes(self, actor: Actor) -> list[Cube]:
-        """Cubes the actor may read."""
-        return self.core.read(actor, "list_cubes", None, lambda txn: [
-            self._shown(txn, c) for c in self.core.ledger.cubes(txn) if may_read(actor, c)])
+    def list_cubes(self, actor: Actor, limit: int | None = None, after: str | None = None) -> list[Cube]:
+        """Cubes the actor may read, by name: at most ``limit``, those named after ``after``."""
+        limits = self.core.limits
+
+        def fn(txn: lmdb.Transaction) -> list[Cube]:
+            wanted = check.page(limit, limits, least=1)
+            out: list[Cube] = []
+            for c in self.core.ledger.cubes(txn, after=after):
+                if may_read(actor, c):
+                    out.append(self._shown(txn, c))
+                    if len(out) >= check.room(wanted, limits):
+                        break
+            return check.bounded(out, wanted, limits, "cubes", "after (the last name of a page)")
+
+        return self.core.read(actor, "list_cubes", None, fn)
 
     def _shown(self, txn: lmdb.Transaction, cube: Cube) -> Cube:
         return principals.shown(self.core.store, txn, cube)

@@ -85,8 +85,16 @@ class Ledger:
     def put_cube(self, txn: lmdb.Transaction, cube: Cube) -> None:
         txn.put(cube.name.encode(), codec.pack_unsorted(cube.model_dump(mode="json")), db=self.db["cubes"])
 
-    def cubes(self, txn: lmdb.Transaction) -> Iterator[Cube]:
-        for _, raw in txn.cursor(db=self.db["cubes"]):
+    def cubes(self, txn: lmdb.Transaction, after: str | None = None) -> Iterator[Cube]:
+        """Every cube by name; with ``after``, those named after it."""
+        cur = txn.cursor(db=self.db["cubes"])
+        if after is not None:
+            key = after.encode()
+            if not cur.set_range(key) or (cur.key() == key and not cur.next()):
+                return
+        elif not cur.first():
+            return
+        for _, raw in cur:
             yield Cube.model_validate(codec.unpack(raw))
 
     # -- memory state ---------------------------------------------------

@@ -22,10 +22,11 @@ from pathlib import Path
 import pytest
 
 from conftest import ALICE, register
-from daemon_fixtures import ROOT, Daemon, frame
+from daemon_fixtures import ROOT, Daemon, frame, make_daemon  # noqa: F401  (a fixture)
 from memos.api import LOCAL_ADMIN, Memos
 from memos.errors import Denied, InvalidRequest, TooLarge, Unauthenticated, Unavailable
 from memos.jobs import Jobs
+from memos.paging import every
 from memos.plugins.plaintext import SearchSettings
 from memos.refusals import Refusals
 from memos.services import TypeServices
@@ -351,3 +352,20 @@ def test_a_refusal_is_in_the_audit_log_as_soon_as_a_reader_asks(counted):
     # No wait: the reader's request commits the queued record first.
     assert [(r.actor, r.op, r.outcome) for r in admin.audit_tail(10, after=since)] == [
         ("settle-mallory", "get", "denied")]
+
+
+def test_cube_and_agent_lists_are_paged_by_name(make_daemon):
+    d = make_daemon(env={"MEMOS_LIMITS__MAX_PAGE": "3"}).start()
+    c = d.client()
+    names = [f"pg-{i}" for i in range(7)]
+    for name in names:
+        c.cube_create(name)
+        c.agent_add(name)
+    with pytest.raises(TooLarge):
+        c.cube_list()  # more than a page, and no limit: refused rather than cut short
+    with pytest.raises(TooLarge):
+        c.cube_list(limit=4)
+    assert [x.name for x in c.cube_list(limit=3, after="pg-2")] == ["pg-3", "pg-4", "pg-5"]
+    assert [x.name for x in every(lambda n, after: c.cube_list(limit=n, after=after), lambda x: x.name)] == names
+    assert [x.name for x in every(lambda n, after: c.agent_list(limit=n, after=after), lambda x: x.name)] == names
+    assert [x.name for x in c.agent_list(limit=2, after="pg-5")] == ["pg-6"]

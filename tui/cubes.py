@@ -26,7 +26,7 @@ class CubesPane(Vertical):
         client: Any = self.app.client  # type: ignore[attr-defined]
         table = self.query_one(DataTable)
         rows = []
-        for cube in await client.cube_list():
+        for cube in await every_async(lambda n, after: client.cube_list(limit=n, after=after), lambda c: c.name):
             counts: Counter[str] = Counter()
             total = 0
             for m in await every_async(lambda n, after, name=cube.name: client.list(name, limit=n, after=after),
