@@ -405,7 +405,8 @@ class Server:
         reply(p.error_reply(rid, exc))
 
     def _forgetting_tokens(self, reply):
-        """Wrap an agent_remove's reply: once its commit is durable, drop verified tokens."""
+        """Wrap the reply of an agent_remove or agent_rotate: once its commit is durable, drop verified
+        tokens (the old one stops at once); a rotated administrator's token goes to its file."""
 
         def send(message: dict[str, Any]) -> None:
             self.identity.forget_tokens()  # runs in the writer after the commit, before the reply leaves
