@@ -37,7 +37,8 @@ class MemoryTypes:
         self.types: dict[str, MemoryType] = {name: cls() for name, cls in classes.items()}
         self.memos = Memos(data_dir, options=StoreOptions(map_size=settings.store.map_size),
                            limits=settings.limits, types=self.types,
-                           governance=Governance.load(settings.daemon.governance))
+                           governance=Governance.load(settings.daemon.governance),
+                           retention=settings.retention)
         # One thread for all model work: two models computing at once on a small
         # machine would only slow each other (and the requests) down.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="memosd-model")

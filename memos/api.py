@@ -40,6 +40,7 @@ from .memtypes import MemoryType, load_types
 from .operations import Route, bind
 from .proposals import Proposals
 from .session import JobControl, Session
+from .retention import Retention, RetentionRules
 from .storage import Store, StoreOptions
 from .transfer import Transfers
 from .validation import Limits
@@ -62,10 +63,12 @@ class Memos:
         limits: Limits | None = None, types: Mapping[str, MemoryType] | None = None,
         governance: Governance | None = None, checkpoints: CheckpointLog | None = None,
     ) -> None:
+        retention: RetentionRules | None = None,
         """``types``: memory-type instances by name; default: one of each registered type.
         ``governance``: the rules of rollback; default: every cube admin rolls back directly.
         ``checkpoints``: the key and file that signed audit checkpoints go to; default: none
-        (``audit_sign`` and ``audit_archive`` are refused)."""
+        (``audit_sign`` and ``audit_archive`` are refused).
+        ``retention``: the default rules of compaction (``[retention]``); a cube may have its own."""
         self.types = dict(types) if types is not None else {n: cls() for n, cls in load_types().items()}
         store = Store(path, options, extra_databases=type_databases(self.types))
         self.core = Core(store, limits or Limits(), self.types, governance)
@@ -77,8 +80,9 @@ class Memos:
         self.agents = Agents(self.core)
         self.jobs = Jobs()
         self.parts: tuple[Any, ...] = (Session(), self.cubes, self.memories, self.versions, self.proposals,
+        self.retention = Retention(self.core, retention)
                                        self.audit_admin, self.agents, JobControl(self.jobs, self.cubes),
-                                       Backups(self.core), Transfers(self.core))
+                                       Backups(self.core), Transfers(self.core), self.retention)
 
     def routes(self) -> dict[str, Route]:
         """Every operation, the core's and each memory type's, bound to what serves it."""

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
 
+from .catalog_retention import RETENTION_OPERATIONS
 from .jobs import JobInfo
 from .models import (
     DEFAULT_TYPE,
@@ -462,5 +463,6 @@ TRANSFER_OPERATIONS = (
 def core_operations() -> tuple[Operation, ...]:
     """The core's operations, in the order the documentation lists them."""
     return (SESSION_OPERATIONS + AGENTS_OPERATIONS + CUBES_OPERATIONS + MEMORIES_OPERATIONS
-            + VERSIONS_OPERATIONS + PROPOSAL_OPERATIONS + JOB_OPERATIONS + AUDIT_OPERATIONS + POLICY_OPERATIONS
+            + VERSIONS_OPERATIONS + RETENTION_OPERATIONS + PROPOSAL_OPERATIONS + JOB_OPERATIONS + AUDIT_OPERATIONS
+            + POLICY_OPERATIONS
             + BACKUP_OPERATIONS + TRANSFER_OPERATIONS + WATCH_OPERATIONS)

@@ -58,6 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     grant.add_argument("cube")
     grant.add_argument("agent")
     grant.add_argument("role", choices=["read", "write", "admin", "none"])
+    pin = command("pin", "keep a version through compaction, under a name", cube)
+    pin.add_argument("cube")
+    pin.add_argument("version", type=int)
+    pin.add_argument("--name", help="default: v<version>")
+    unpin = command("unpin", "remove a pin", cube)
+    unpin.add_argument("cube")
+    unpin.add_argument("name")
+    compact = command("compact", "drop the versions the retention rules let go", cube)
+    compact.add_argument("cube")
+    compact.add_argument("--dry-run", action="store_true", help="report what would go; change nothing")
+    retention = command("retention", "set the cube's own retention rules (none given: the defaults)", cube)
+    retention.add_argument("cube")
+    for flag in ("--all-days", "--daily-days"):
+        retention.add_argument(flag, type=float)
+    retention.add_argument("--keep-versions", type=int)
 
     add = command("add", "add a plaintext memory")
     add.add_argument("cube")
@@ -347,6 +362,11 @@ def _run(client: Client, a: argparse.Namespace) -> tuple[str, Any]:
         "cube list": lambda: every(lambda n, after: client.cube_list(limit=n, after=after), lambda c: c.name),
         "cube get": lambda: client.cube_get(a.cube),
         "cube grant": lambda: client.cube_grant(a.cube, a.agent, None if a.role == "none" else a.role),
+        "cube pin": lambda: client.cube_pin(a.cube, a.version, name=a.name),
+        "cube unpin": lambda: client.cube_unpin(a.cube, a.name),
+        "cube compact": lambda: client.cube_compact(a.cube, dry_run=a.dry_run),
+        "cube retention": lambda: client.cube_retention(a.cube, {k: v for k in ("all_days", "daily_days", "keep_versions")
+                                                                if (v := getattr(a, k)) is not None} or None),
         "add": lambda: client.add(a.cube, a.text, tags=a.tags, metadata=_metadata(a.meta)),
         "get": lambda: client.get(a.cube, a.id, at=a.at, include_deleted=a.include_deleted),
         "update": lambda: client.update(a.cube, a.id, a.text, tags=a.tags),

@@ -21,6 +21,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from .catalog_retention import RetentionRules
 from .memtypes import MemoryType, load_types
 from .validation import Limits
 
@@ -104,6 +105,8 @@ class Settings(BaseSettings):
     store: StoreSettings = Field(default_factory=StoreSettings)
     limits: Limits = Field(default_factory=Limits)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    retention: RetentionRules = Field(default_factory=RetentionRules,
+                                      description="Default rules of history retention (cube_compact).")
     # Each memory type with settings adds its own section (see settings_class).
 
     @classmethod

@@ -12,6 +12,7 @@ from .access import LOCAL_ADMIN, Actor, may_read
 from .core import Core
 from .errors import Conflict, InvalidRequest
 from .models import Commit, Cube, Role
+from .retention import override
 from .writes import Applied, Write
 
 
@@ -29,6 +30,8 @@ class Cubes:
             cube_name = check.name(name, "cube")
             if settings is not None and not isinstance(settings, dict):
                 raise InvalidRequest("settings must be a map", field="settings")
+            if settings is not None and "retention" in settings:
+                override(settings["retention"])  # the cube's own retention rules, checked
             if core.ledger.has_cube(txn, cube_name):
                 raise Conflict(f"cube {cube_name!r} already exists", cube=cube_name)
             now = clock.now()

@@ -51,6 +51,13 @@ class NotFound(MemosError, LookupError):
     code = "not_found"
 
 
+class VersionCompacted(NotFound):
+    """A version that compaction dropped: ``oldest_kept`` and ``kept`` (the kept versions nearest
+    the one asked for) say what can still be read or restored."""
+
+    code = "compacted"
+
+
 class Denied(MemosError, PermissionError):
     """The actor lacks the role the operation needs."""
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import lmdb
 
 from . import codec
-from .errors import InvalidRequest, NotFound
+from .errors import IntegrityError, InvalidRequest, NotFound, VersionCompacted
 from .models import Commit, Cube
 from .storage import Store, check_key
 
@@ -209,6 +209,34 @@ class Ledger:
             count = codec.from_u64(raw) if raw is not None else 0
             txn.put(ref_key, codec.u64(count + 1), db=db)
 
+    def drop_blob_refs(self, txn: lmdb.Transaction, sha: str, cube: str, n: int,
+                       dry_run: bool = False) -> int | None:
+        """Take ``n`` removed version records of ``cube`` off a blob's counts (a count at 0 goes),
+        and delete the blob if no record of any cube refers to it any more: then its size, else None."""
+        key = sha.encode()
+        left = []
+        for db, ref_key in ((self.db["blob_refs"], key), (self.db["cube_blobs"], cube_prefix(cube) + key)):
+            raw = txn.get(ref_key, db=db)
+            count = codec.from_u64(raw) if raw is not None else 0
+            if count < n:
+                raise IntegrityError(f"blob {sha} is counted {count} times, fewer than the {n} records removed",
+                                     blob=sha, cube=cube)
+            left.append(count - n)
+            if not dry_run:
+                if count > n:
+                    txn.put(ref_key, codec.u64(count - n), db=db)
+                else:
+                    txn.delete(ref_key, db=db)
+        if left[0]:  # other records, of this cube or another, still use it
+            return None
+        raw = txn.get(key, db=self.db["blobs"])
+        if raw is None:
+            return None
+        size = len(raw)
+        if not dry_run:
+            txn.delete(key, db=self.db["blobs"])
+        return size
+
     def blob_refs(self, txn: lmdb.Transaction, sha: str) -> int:
         raw = txn.get(sha.encode(), db=self.db["blob_refs"])
         return codec.from_u64(raw) if raw is not None else 0
@@ -261,7 +289,69 @@ class Ledger:
     def touched_between(self, txn: lmdb.Transaction, cube: str, lo: int, hi: int) -> list[str]:
         """Memory ids changed by commits lo < version <= hi, in first-touched order."""
         seen: dict[str, None] = {}
+        n = 0
         for commit in self.commits(txn, cube, lo + 1, hi):
+            n += 1
             for change in commit.changes:
                 seen.setdefault(change.memory_id, None)
-        return list(seen)
+        if n == hi - lo:
+            return list(seen)
+        # Compaction dropped commits in between, and their change lists with them. Every memory
+        # whose state differs between two kept versions still has a record in between (the one the
+        # later version reads), so the records say what the commits no longer can.
+        return self.recorded_between(txn, cube, lo, hi)
+
+    def recorded_between(self, txn: lmdb.Transaction, cube: str, lo: int, hi: int) -> list[str]:
+        """Memory ids with a version record lo < version <= hi, by their first such version."""
+        prefix = cube_prefix(cube)
+        cur = txn.cursor(db=self.db["versions"])
+        found: list[tuple[int, str]] = []
+        positioned = cur.set_range(prefix)
+        while positioned:
+            key = cur.key()
+            if not key.startswith(prefix):
+                break
+            mem_prefix = key[:-8]
+            if cur.set_range(mem_prefix + codec.u64(lo + 1)):
+                key = cur.key()
+                if key.startswith(mem_prefix) and len(key) == len(mem_prefix) + 8:
+                    version = codec.from_u64(key[-8:])
+                    if version <= hi:
+                        found.append((version, mem_prefix[len(prefix):].decode()))
+            positioned = cur.set_range(mem_prefix + b"\xff" * 9)
+        return [memory_id for _, memory_id in sorted(found)]
+
+    # -- retention ------------------------------------------------------
+
+    def has_commit(self, txn: lmdb.Transaction, cube: str, version: int) -> bool:
+        return txn.get(commit_key(cube, version), db=self.db["commits"]) is not None
+
+    def commit_times(self, txn: lmdb.Transaction, cube: str) -> list[tuple[int, float]]:
+        """(version, time) of every commit the cube keeps, oldest first."""
+        prefix = cube_prefix(cube)
+        cur = txn.cursor(db=self.db["commits"])
+        out = []
+        if cur.set_range(prefix):
+            for key, raw in cur:
+                if not key.startswith(prefix):
+                    break
+                out.append((codec.from_u64(key[-8:]), float(codec.unpack(raw)["time"])))
+        return out
+
+    def require_kept(self, txn: lmdb.Transaction, cube: Cube, version: int) -> int:
+        """``version`` if compaction kept it (its commit is there), else VersionCompacted naming
+        the oldest version kept and the kept ones nearest it."""
+        if version >= cube.version or self.has_commit(txn, cube.name, version):
+            return version
+        prefix = cube_prefix(cube.name)
+        cur = txn.cursor(db=self.db["commits"])
+        oldest = codec.from_u64(cur.key()[-8:]) if cur.set_range(prefix) else cube.version
+        near = []
+        if cur.set_range(commit_key(cube.name, version)) and cur.key().startswith(prefix):
+            after = codec.from_u64(cur.key()[-8:])
+            if cur.prev() and cur.key().startswith(prefix):
+                near.append(codec.from_u64(cur.key()[-8:]))
+            near.append(after)
+        raise VersionCompacted(
+            f"version {version} of cube {cube.name!r} was compacted away; the oldest kept is {oldest}",
+            cube=cube.name, version=version, oldest_kept=oldest, kept=near)

@@ -15,6 +15,7 @@ from .access import Actor
 from .core import Core
 from .errors import Conflict, InvalidRequest, NotFound, TooLarge
 from .ids import new_id
+from .ledger import Ledger
 from .memtypes import Item, check_type
 from .models import (
     DEFAULT_TYPE,
@@ -287,7 +288,7 @@ class Memories:
                 if row is None:
                     raise NotFound(f"no memory {id} in cube {found.name!r}", cube=found.name, memory=id)
             else:
-                version = version_in(found, at)
+                version = version_in(found, at, core.ledger, txn)
                 row = core.ledger.state_at(txn, found.name, wanted, version)
                 if row is None:
                     raise NotFound(f"memory {id} did not exist at version {version}",
@@ -311,7 +312,8 @@ class Memories:
         """``get_many`` as plain data (``Memory.model_dump(mode="json")``, usage left out)."""
         def fn(txn: lmdb.Transaction) -> dict[str, dict[str, Any]]:
             found = self.core.require(txn, actor, cube, Role.read, shared=True)
-            return rows_at(self.core, txn, found, memory_ids, None if at is None else version_in(found, at))
+            version = None if at is None else version_in(found, at, self.core.ledger, txn)
+            return rows_at(self.core, txn, found, memory_ids, version)
 
         return self.core.read(actor, "get_many", cube, fn)
 
@@ -333,7 +335,8 @@ class Memories:
             wanted = None if status is None or status == "all" else check.status(status)
             start = None if after is None else check.memory_id(after)
             out: list[Memory] = []
-            for mem in memories_at(core, txn, found, None if at is None else version_in(found, at), start):
+            version = None if at is None else version_in(found, at, core.ledger, txn)
+            for mem in memories_at(core, txn, found, version, start):
                 if len(out) >= room:
                     break
                 if (wanted is None or mem.status is wanted) and (tag is None or tag in mem.tags):
@@ -353,7 +356,7 @@ class Memories:
         def fn(txn: lmdb.Transaction) -> dict[str, bytes]:
             found = core.require(txn, actor, cube, Role.read, shared=True)
             rows = (core.ledger.iter_heads(txn, found.name) if at is None
-                    else core.ledger.iter_state_at(txn, found.name, version_in(found, at)))
+                    else core.ledger.iter_state_at(txn, found.name, version_in(found, at, core.ledger, txn)))
             return {memory_id: state for memory_id, _, state in rows}
 
         return core.read(actor, "state", cube, fn)
@@ -376,13 +379,14 @@ class Memories:
 
 # -- helpers shared with versions and the services of memory types -------------
 
-def version_in(cube: Cube, at: Any) -> int:
-    """``at`` if the cube has that version, else NotFound naming the latest."""
+def version_in(cube: Cube, at: Any, ledger: Ledger, txn: lmdb.Transaction) -> int:
+    """``at`` if the cube has that version, else NotFound naming the latest, or VersionCompacted
+    (a NotFound) naming the oldest kept if compaction dropped it."""
     version = check.version(at, "at")
     if version > cube.version:
         raise NotFound(f"cube {cube.name!r} has no version {version} (latest is {cube.version})",
                        cube=cube.name, version=version)
-    return version
+    return ledger.require_kept(txn, cube, version)
 
 
 def rows_at(core: Core, txn: lmdb.Transaction, cube: Cube, memory_ids: Iterable[str],

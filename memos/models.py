@@ -146,6 +146,7 @@ class Cube(_Model):
     settings: dict[str, Any] = Field(default_factory=dict)
     version: int = 0
     created_at: float
+    pins: dict[str, int] = Field(default_factory=dict)  # name -> version compaction keeps (cube_pin)
 
 
 class Change(_Model):

@@ -48,7 +48,7 @@ class Proposals:
                              cube=found.name, agent=actor.name, rule="deny")
             if not isinstance(reason, str) or len(reason) > 2000:
                 raise InvalidRequest("reason must be a string of at most 2000 characters", field="reason")
-            target = version_in(found, to_version)
+            target = version_in(found, to_version, core.ledger, txn)
             plan = rollback_plan(core, txn, found, target, memory_ids)
             if not plan:
                 raise InvalidRequest(f"cube {found.name!r} would not change: nothing to propose", field="to_version")
@@ -76,7 +76,7 @@ class Proposals:
             if core.governance.rollback_mode(found.name, actor.name) == "deny":
                 raise Denied(f"agent {actor.name!r} may not roll back cube {found.name!r}, nor approve rollbacks",
                              cube=found.name, agent=actor.name, rule="deny")
-            target = version_in(found, proposal.to_version)
+            target = version_in(found, proposal.to_version, core.ledger, txn)
             plan = rollback_plan(core, txn, found, target, proposal.memory_ids)
             if plan_hashes(plan) != proposal.plan:
                 raise Conflict(
@@ -128,7 +128,7 @@ class Proposals:
             found = core.require(txn, actor, proposal.cube, Role.read, shared=True)
             if proposal.status != "pending":
                 return catalog.ProposalDetail(proposal=proposal, diff=[])
-            target = version_in(found, proposal.to_version)
+            target = version_in(found, proposal.to_version, core.ledger, txn)
             plan = rollback_plan(core, txn, found, target, proposal.memory_ids)
             proposal.stale = plan_hashes(plan) != proposal.plan
             return catalog.ProposalDetail(proposal=proposal, diff=plan_diff(plan, found, target))

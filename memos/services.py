@@ -102,7 +102,7 @@ class TypeServices(Services):
         try:
             with core.store.read() as txn:
                 found = core.require(txn, actor, cube, check.role(role), shared=True)
-                version = None if at is None else version_in(found, at)
+                version = None if at is None else version_in(found, at, core.ledger, txn)
                 yield _Snapshot(self._memos, txn, found, version, self.rows_in(txn))
         except MemosError as exc:
             raise core.refused(actor, op, cube if isinstance(cube, str) else None, exc) from None
@@ -112,7 +112,7 @@ class TypeServices(Services):
         core = self._memos.core
         with core.store.read() as txn:
             found = core.ledger.shared_cube(txn, check.name(cube, "cube"))
-            version = None if at is None else version_in(found, at)
+            version = None if at is None else version_in(found, at, core.ledger, txn)
             yield _Snapshot(self._memos, txn, found, version, self.rows_in(txn))
 
     def cubes(self) -> list[str]:

@@ -79,6 +79,12 @@ class Transfers:
 
         def fn(txn: lmdb.Transaction) -> dict[str, Any]:
             found = self.core.require(txn, actor, cube, Role.admin)
+            # The format carries whole histories (the import checks commits 0..head): a compacted
+            # cube's would be refused there, so it is refused here, before a file is written.
+            if not self.core.ledger.has_commit(txn, found.name, 0) or len(
+                    self.core.ledger.commit_times(txn, found.name)) != found.version + 1:
+                raise InvalidRequest(f"cube {found.name!r} was compacted: the export format carries whole "
+                                     "histories", cube=found.name)
             named = shown(self.core.store, txn, found)
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
             records, blobs = 0, set()

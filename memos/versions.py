@@ -45,6 +45,8 @@ class Versions:
                 versions = [v for v in ledger.memory_versions(txn, found.name, wanted) if v <= hi]
                 if not versions and hi >= found.version:
                     raise NotFound(f"no memory {wanted} in cube {found.name!r}", memory=wanted)
+                # A record whose commit compaction dropped still serves kept versions: it is not listed.
+                versions = [v for v in versions if ledger.has_commit(txn, found.name, v)]
                 versions.reverse()
                 out = [ledger.commit(txn, found.name, v) for v in versions[:room]]
             else:
@@ -65,7 +67,7 @@ class Versions:
 
         def fn(txn: lmdb.Transaction) -> list[DiffEntry]:
             found = core.require(txn, actor, cube, Role.read, shared=True)
-            a, b = version_in(found, v1), version_in(found, v2)
+            a, b = version_in(found, v1, ledger, txn), version_in(found, v2, ledger, txn)
             wanted_n = check.page(limit, core.limits)
             room = check.room(wanted_n, core.limits)
             touched = ledger.touched_between(txn, found.name, min(a, b), max(a, b))
@@ -106,7 +108,7 @@ class Versions:
                     + (": propose it (rollback_propose) for another admin to approve" if mode == "propose" else ""),
                     cube=found.name, agent=actor.name, rule=mode,
                 )
-            target = version_in(found, to_version)
+            target = version_in(found, to_version, core.ledger, txn)
             plan = rollback_plan(core, txn, found, target, memory_ids)
             info = {"to_version": target, "memory_ids": None if memory_ids is None else list(memory_ids)}
             return apply_plan(core, txn, actor, found, target, plan, info)
