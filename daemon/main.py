@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from memos import config
 from memos.errors import MemosError
+from memos.storage import hold_at
 
 from .server import Server
 
@@ -86,7 +87,21 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     server.serve_forever()
+    if server.restart_in_place:
+        restart_in_place()
     return 0
+
+
+def restart_in_place() -> None:
+    """Run the same command line again in this process (same pid): the store is opened anew, and
+    rewritten as it opens (store_compact). Everything was drained and closed by serve_forever."""
+    hold_at("compact:restarting")
+    logging.getLogger("memosd").info("restarting in place")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, sys.orig_argv)
 
 
 if __name__ == "__main__":

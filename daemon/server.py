@@ -48,7 +48,7 @@ from memos.errors import (
     Unavailable,
     UnknownOperation,
 )
-from memos.liveness import check_daemon
+from memos.liveness import check_daemon, restart_marker
 from memos.models import plain
 from memos.operations import Route, bind
 
@@ -116,6 +116,7 @@ class Server:
         self._in_flight = 0
         self._out_sockets: list[zmq.Socket] = []
         self._out_lock = threading.Lock()
+        self.restart_in_place = False  # set by store_compact: main() execs memosd again once drained
 
     # -- lifecycle ------------------------------------------------------
 
@@ -160,6 +161,7 @@ class Server:
         self.router.setsockopt(zmq.MAXMSGSIZE, 2 * self.cfg.max_message_bytes)  # hard cap; soft check replies
         self.router.setsockopt(zmq.LINGER, 1000)
         self.router.bind(f"ipc://{self.socket_path}")
+        restart_marker(self.socket_path).unlink(missing_ok=True)  # listening again after a restart in place
         self.memos.jobs.listen(self._publish_job)
         # The folder (0700, or 0710 for the group) keeps others out until this mode is set.
         if group is None:
@@ -339,6 +341,8 @@ class Server:
                 write = route(actor, args, envelope.id)
                 hand_off()
                 reply = self._forgetting_tokens(queued) if envelope.op in _ENDS_TOKENS else queued
+                if envelope.op == "store_compact":
+                    reply = self._restarting_after(reply)
                 self._commit(Job(actor, envelope.id, write, reply), envelope.op, args)
             elif inline and where != "inline":
                 hand_off()
@@ -415,5 +419,24 @@ class Server:
                     and self.cfg.require_token:
                 self.identity.write_admin_token(result["token"])  # the operator's file follows a rotation
             reply(message)
+
+        return send
+
+    def _restarting_after(self, reply):
+        """Wrap the reply of a store_compact: once its request is durable and answered, memosd drains
+        as on SIGTERM and main() starts it again in place; the new process rewrites the file as it
+        opens the store, before anything else uses it. A retry answered from the stored reply, after
+        the rewrite is done, finds nothing pending and restarts nothing."""
+
+        def send(message: dict[str, Any]) -> None:
+            reply(message)
+            if message.get("ok") and self.memos.store.rewrite_pending():
+                log.info("restarting in place to compact the store")
+                # Announced beside the socket: clients wait for the new process instead of
+                # reporting memosd gone (memos.liveness); the new one removes it once it listens.
+                marker = restart_marker(self.socket_path)
+                marker.write_text(f"{os.getpid()}\n")
+                self.restart_in_place = True
+                self._stop.set()
 
         return send

@@ -30,6 +30,7 @@ from .agents import Agents
 from .auditing import AuditAdmin
 from .backup import Backups
 from .checkpoints import CheckpointLog
+from .compaction import StoreAdmin
 from .core import Core
 from .cubes import Cubes
 from .errors import MemosError
@@ -39,8 +40,8 @@ from .memories import Memories, NewMemory
 from .memtypes import MemoryType, load_types
 from .operations import Route, bind
 from .proposals import Proposals
-from .session import JobControl, Session
 from .retention import Retention, RetentionRules
+from .session import JobControl, Session
 from .storage import Store, StoreOptions
 from .transfer import Transfers
 from .validation import Limits
@@ -62,8 +63,8 @@ class Memos:
         self, path: str | os.PathLike[str], *, options: StoreOptions | None = None,
         limits: Limits | None = None, types: Mapping[str, MemoryType] | None = None,
         governance: Governance | None = None, checkpoints: CheckpointLog | None = None,
-    ) -> None:
         retention: RetentionRules | None = None,
+    ) -> None:
         """``types``: memory-type instances by name; default: one of each registered type.
         ``governance``: the rules of rollback; default: every cube admin rolls back directly.
         ``checkpoints``: the key and file that signed audit checkpoints go to; default: none
@@ -79,10 +80,10 @@ class Memos:
         self.audit_admin = AuditAdmin(self.core, checkpoints)
         self.agents = Agents(self.core)
         self.jobs = Jobs()
-        self.parts: tuple[Any, ...] = (Session(), self.cubes, self.memories, self.versions, self.proposals,
         self.retention = Retention(self.core, retention)
+        self.parts: tuple[Any, ...] = (Session(), self.cubes, self.memories, self.versions, self.proposals,
                                        self.audit_admin, self.agents, JobControl(self.jobs, self.cubes),
-                                       Backups(self.core), Transfers(self.core), self.retention)
+                                       Backups(self.core), StoreAdmin(self.core), Transfers(self.core), self.retention)
 
     def routes(self) -> dict[str, Route]:
         """Every operation, the core's and each memory type's, bound to what serves it."""

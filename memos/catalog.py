@@ -29,6 +29,7 @@ from .models import (
     SignedCheckpoint,
     VerifyReport,
 )
+from .catalog_store import STORE_OPERATIONS
 from .operations import Args, NoArgs, Operation
 
 PROTOCOL_VERSION = 1
@@ -465,4 +466,4 @@ def core_operations() -> tuple[Operation, ...]:
     return (SESSION_OPERATIONS + AGENTS_OPERATIONS + CUBES_OPERATIONS + MEMORIES_OPERATIONS
             + VERSIONS_OPERATIONS + RETENTION_OPERATIONS + PROPOSAL_OPERATIONS + JOB_OPERATIONS + AUDIT_OPERATIONS
             + POLICY_OPERATIONS
-            + BACKUP_OPERATIONS + TRANSFER_OPERATIONS + WATCH_OPERATIONS)
+            + BACKUP_OPERATIONS + STORE_OPERATIONS + TRANSFER_OPERATIONS + WATCH_OPERATIONS)

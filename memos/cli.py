@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import cli_audit
+from . import cli_audit, cli_store
 from .cli_audit import EXIT_VERIFY_FAILED
 from .cli_format import human
 from .client import Client
@@ -240,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("import", "add the cube of an export file, history and all").add_argument("path")
 
     cli_audit.add_commands(commands, command)
+    cli_store.add_commands(commands, command)
     return parser
 
 
@@ -396,6 +397,7 @@ def _run(client: Client, a: argparse.Namespace) -> tuple[str, Any]:
         "ingest": lambda: client.add_messages(a.cube, _messages(a.file), session=a.session, tags=a.tags),
         "reindex": lambda: client.reindex(a.cube),
         **cli_audit.calls(client, a),
+        **cli_store.calls(client, a),
         # The daemon opens these paths: absolute, as the caller means them.
         "backup": lambda: client.store_backup(os.path.abspath(a.path)),
         "export": lambda: client.cube_export(a.cube, os.path.abspath(a.path)),

@@ -6,6 +6,8 @@ import json
 import time
 from typing import Any
 
+from . import cli_store
+
 
 def short(text: str | None, width: int = 70) -> str:
     text = (text or "").replace("\n", " ")
@@ -117,6 +119,8 @@ def human(command: str, value: Any) -> str:
     if command == "audit archive":
         return (f"archived records {value['first']} to {value['last']} to {value['file']} (sha256 {value['sha256']}); "
                 f"the store's chain now begins at record {value['boundary']['seq']}")
+    if command.startswith("store "):
+        return cli_store.human(command, value)
     if command == "audit tail":
         return "\n".join(
             f"{r['seq']:>7} {r['outcome']:<6} {r['actor']:<16} {r['op']:<12} {r.get('cube') or '-':<16} "

@@ -27,10 +27,12 @@ def check_daemon(path: str | os.PathLike[str]) -> None:
     probe.settimeout(1.0)
     try:
         probe.connect(str(path))
-    except FileNotFoundError:
-        raise Unavailable(f"memosd is not running: there is no socket at {path}; {HOW_TO_START}",
-                          socket=str(path)) from None
-    except ConnectionRefusedError:
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        if _restarting(path):
+            return  # memosd announced a restart in place (store_compact): it will listen here again soon
+        if isinstance(exc, FileNotFoundError):
+            raise Unavailable(f"memosd is not running: there is no socket at {path}; {HOW_TO_START}",
+                              socket=str(path)) from None
         raise Unavailable(f"memosd is not running: {path} is a stale socket{_dead_pid(path)}; {HOW_TO_START}",
                           socket=str(path)) from None
     except TimeoutError:
@@ -42,6 +44,21 @@ def check_daemon(path: str | os.PathLike[str]) -> None:
                           socket=str(path)) from None
     finally:
         probe.close()
+
+
+def restart_marker(path: str | os.PathLike[str]) -> Path:
+    """The file memosd writes beside its socket while it restarts in place: its pid, and nothing else."""
+    return Path(f"{path}.restarting")
+
+
+def _restarting(path: Path) -> bool:
+    """Is the process named in the socket's restart marker alive? (A killed restart is no restart.)"""
+    try:
+        pid = int(restart_marker(path).read_text().split()[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
 
 
 def _dead_pid(path: Path) -> str:

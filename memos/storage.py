@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,6 +57,8 @@ Migration = Callable[["Store", lmdb.Transaction], None]
 
 
 _REWRITE_PENDING = b"rewrite_pending"  # meta: the file still holds freed pages that must go
+# ...its value: b"" (set by a migration) or a store_compact request (msgpack; memos.compaction)
+LAST_REWRITE = b"last_compaction"  # meta: what the last requested rewrite did (memos.compaction audits it)
 
 
 def request_time_key(stored_at: float, key: bytes) -> bytes:
@@ -227,10 +230,10 @@ class Store:
         try:
             self._migrate()
             with self.read() as txn:
-                pending = txn.get(_REWRITE_PENDING, db=self.db["meta"]) is not None
-            if pending:  # set by a migration, cleared once done: a crash in between redoes it
-                self._rewrite_live_pages()
-                self.write(lambda txn: txn.delete(_REWRITE_PENDING, db=self.db["meta"]))
+                pending = txn.get(_REWRITE_PENDING, db=self.db["meta"])
+            if pending is not None:  # set by a migration or store_compact, cleared once done:
+                done = self._rewrite_live_pages()  # a crash in between redoes it
+                self.write(lambda txn: self._rewritten(txn, bytes(pending), done))
         except BaseException as exc:
             # An environment left open blocks every later open of this path in
             # this process, so a refused store must be closed before raising.
@@ -261,22 +264,30 @@ class Store:
             self.env.close()
             raise
 
-    def _rewrite_live_pages(self) -> None:
-        """Replace the file by a compacting copy of itself: pages a migration freed (which LMDB
-        keeps, bytes and all, until it reuses them) are gone from the disk too. A crash leaves
-        the old file or the new one, each a whole store: the rename is atomic."""
+    def _rewrite_live_pages(self) -> dict[str, Any]:
+        """Replace the file by a compacting copy of itself: pages a migration or deletions freed
+        (which LMDB keeps, bytes and all, until it reuses them) are gone from the disk too. A crash
+        leaves the old file or the new one, each a whole store: the copy is flushed before the
+        atomic rename, and the rename before the copy's folder goes. Runs at open, before anything
+        else in this process uses the environment, so no write can land in the old file after the
+        copy began. What it did: the file's size before and after, and the seconds it took."""
+        began, data = time.monotonic(), os.path.join(self.path, "data.mdb")
+        before = os.stat(data).st_size
         folder = os.path.join(self.path, "compacting")
         shutil.rmtree(folder, ignore_errors=True)
         os.mkdir(folder, mode=0o700)
         self.env.copy(folder, compact=True)
+        hold_at("compact:copied")
         copy = os.path.join(folder, "data.mdb")
         fd = os.open(copy, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+        hold_at("compact:synced")
         self.env.close()
-        os.replace(copy, os.path.join(self.path, "data.mdb"))
+        os.replace(copy, data)
+        hold_at("compact:renamed")
         fd = os.open(self.path, os.O_RDONLY)
         try:
             os.fsync(fd)  # the rename itself
@@ -284,7 +295,26 @@ class Store:
             os.close(fd)
         os.rmdir(folder)
         self._open()
-        log.info("store rewritten without freed pages", extra={"path": self.path})
+        hold_at("compact:reopened")
+        done = {"bytes_before": before, "bytes_after": os.stat(data).st_size,
+                "copy_s": round(time.monotonic() - began, 6), "done_at": time.time()}
+        log.info("store rewritten without freed pages", extra={"path": self.path, **done})
+        return done
+
+    def _rewritten(self, txn: lmdb.Transaction, request: bytes, done: dict[str, Any]) -> None:
+        """The rewrite is over: no longer pending, and what a requested one did is kept to be audited."""
+        txn.delete(_REWRITE_PENDING, db=self.db["meta"])
+        if request:  # a migration's rewrite (b"") was asked for by nobody
+            record = {**codec.unpack(request), **done, "audited": False}
+            txn.put(LAST_REWRITE, codec.pack_unsorted(record), db=self.db["meta"])
+
+    def request_rewrite(self, txn: lmdb.Transaction, request: dict[str, Any]) -> None:
+        """Rewrite the file as a compacting copy when the store is next opened (``store_compact``)."""
+        txn.put(_REWRITE_PENDING, codec.pack_unsorted(request), db=self.db["meta"])
+
+    def rewrite_pending(self) -> bool:
+        with self.read() as txn:
+            return txn.get(_REWRITE_PENDING, db=self.db["meta"]) is not None
 
     # -- schema ---------------------------------------------------------
 
@@ -404,6 +434,15 @@ class Store:
             for name, db in self.db.items():
                 out[name] = txn.stat(db)["entries"]
         return out
+
+
+def hold_at(step: str) -> None:
+    """Crash tests stop the daemon at a named step of a store compaction (``MEMOS_TEST_HOLD_AT``)
+    and SIGKILL it there; without that variable this does nothing."""
+    if os.environ.get("MEMOS_TEST_HOLD_AT") == step:
+        log.warning("holding at %s", step)
+        while True:
+            time.sleep(1)
 
 
 def _translate(exc: lmdb.Error) -> MemosError:

@@ -1,0 +1,67 @@
+"""``memosctl store``: where the store's bytes go, and compacting its file.
+
+``store compact`` asks memosd to rewrite its file without free pages. memosd answers, restarts in
+place and rewrites the file as it opens it; this command waits until memosd serves again and the
+rewrite is recorded, then prints the sizes before and after and how long requests waited.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .client import Client
+from .errors import Timeout, Unavailable
+
+_WAIT_S = 600.0  # a rewrite copies the whole file: minutes for a very large store
+
+
+def add_commands(commands: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
+    store = commands.add_parser("store", help="the store file as a whole").add_subparsers(dest="sub", required=True)
+    command("stats", "bytes by cube and by memory type, blobs, pages in use and free", store)
+    command("compact", "give the file's free pages back to the disk (memosd pauses and restarts in place)", store)
+
+
+def calls(client: Client, a: argparse.Namespace) -> dict[str, Callable[[], Any]]:
+    return {"store stats": client.store_stats, "store compact": lambda: compact(client)}
+
+
+def compact(client: Client) -> dict[str, Any]:
+    """Request the rewrite, wait for memosd to serve the rewritten file, report what it did."""
+    began = time.monotonic()
+    requested = client.store_compact(client.store_stats()["path"])
+    deadline = began + _WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            last = client.store_stats()["last_compaction"]
+        except Unavailable:  # timeouts included: the restart in place is under way
+            time.sleep(0.05)
+            continue
+        if last is not None and last["id"] == requested["id"]:
+            return {**last, "freed": last["bytes_before"] - last["bytes_after"],
+                    "paused_s": round(time.monotonic() - began, 3)}
+        time.sleep(0.05)  # the old process still answers until it has drained
+    raise Timeout(f"memosd did not report compaction {requested['id']} within {_WAIT_S:.0f}s")
+
+
+def human(command: str, value: dict[str, Any]) -> str:
+    if command == "store compact":
+        return (f"compacted {value['bytes_before']} -> {value['bytes_after']} bytes ({value['freed']} freed); "
+                f"copy {value['copy_s']:.3f}s, memosd offline {value['offline_s']:.3f}s, "
+                f"requests waited at most {value['paused_s']:.3f}s")
+    pages = value["pages"]
+    lines = [f"{value['path']}: {value['file_bytes']} bytes on disk, map {value['map_size']}, "
+             f"pages {pages['used']} used + {pages['free']} free of {pages['total']} ({value['page_size']} bytes)",
+             f"blobs: {value['blobs']['count']}, {value['blobs']['bytes']} bytes, "
+             f"{value['blobs']['references']} references"]
+    lines += [f"cube {name}: v{c['version']}, {c['commits']} commits, {c['version_records']} version records, "
+              f"{c['head_bytes']} head bytes, {c['version_bytes']} version bytes"
+              for name, c in sorted(value["cubes"].items())]
+    lines += [f"type {name}: {t['state_bytes']} state bytes, {t['blobs']} blobs of {t['blob_bytes']} bytes"
+              for name, t in sorted(value["types"].items())]
+    if value.get("last_compaction"):
+        last = value["last_compaction"]
+        lines.append(f"last compaction {last['id']}: {last['bytes_before']} -> {last['bytes_after']} bytes")
+    return "\n".join(lines)
