@@ -94,7 +94,7 @@ RETENTION_OPERATIONS = (
               "write_unpin", ("cube", "name")),
     Operation("cube_retention", RetentionArgs, Cube, "writer",
               "Set the cube's own retention rules; null returns it to the daemon's defaults (cube admin).",
-              "write_retention", ("cube", "rules")),
+              "write_cube_retention", ("cube", "rules")),
     Operation("cube_compact", CompactArgs, CompactReport, "writer",
               "Drop the versions the retention rules let go and free what only they used; a dry run "
               "reports the same and changes nothing (cube admin).", "write_compact", ("cube",)),

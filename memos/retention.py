@@ -130,7 +130,7 @@ class Retention:
 
         return Write(actor, "cube_unpin", cube, fn, request_id)
 
-    def write_retention(self, actor: Actor, cube: Any, rules: Any, request_id: str | None = None) -> Write:
+    def write_cube_retention(self, actor: Actor, cube: Any, rules: Any, request_id: str | None = None) -> Write:
         core = self.core
 
         def fn(txn: lmdb.Transaction) -> Applied:
