@@ -57,7 +57,8 @@ _PAGE = 256  # memories read per snapshot while a policy scans a cube
 # access, models, rollback, others' jobs): people's business. A policy approving a rollback
 # would be "an admin other than the proposer".
 _NOT_READ_BY_POLICIES = ("agent_", "audit_", "policy_")
-_NOT_FOR_POLICIES = (*_NOT_READ_BY_POLICIES, "cube_create", "cube_grant", "model_", "rollback", "job_cancel")
+_NOT_FOR_POLICIES = (*_NOT_READ_BY_POLICIES, "cube_create", "cube_grant", "cube_pin", "cube_unpin", "cube_retention",
+                     "model_", "rollback", "job_cancel")
 
 
 class _Context(Context):
