@@ -33,16 +33,18 @@ def compact(client: Client) -> dict[str, Any]:
     began = time.monotonic()
     requested = client.store_compact(client.store_stats()["path"])
     deadline = began + _WAIT_S
-    while time.monotonic() < deadline:
-        try:
-            last = client.store_stats()["last_compaction"]
-        except Unavailable:  # timeouts included: the restart in place is under way
-            time.sleep(0.05)
-            continue
-        if last is not None and last["id"] == requested["id"]:
-            return {**last, "freed": last["bytes_before"] - last["bytes_after"],
-                    "paused_s": round(time.monotonic() - began, 3)}
-        time.sleep(0.05)  # the old process still answers until it has drained
+    # Short waits: a question the old process takes but never reads before it drains is asked again.
+    with Client(client.socket_path, token=client.token, timeout=1.0, retries=0) as asker:
+        while time.monotonic() < deadline:
+            try:
+                last = asker.store_stats()["last_compaction"]
+            except Unavailable:  # timeouts included: the restart in place is under way
+                time.sleep(0.05)
+                continue
+            if last is not None and last["id"] == requested["id"]:
+                return {**last, "freed": last["bytes_before"] - last["bytes_after"],
+                        "paused_s": round(time.monotonic() - began, 3)}
+            time.sleep(0.05)  # the old process still answers until it has drained
     raise Timeout(f"memosd did not report compaction {requested['id']} within {_WAIT_S:.0f}s")
 
 

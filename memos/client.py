@@ -30,7 +30,7 @@ from . import catalog, watching
 from . import protocol as p
 from .errors import InvalidRequest, MemosError, Timeout, TooLarge, Unavailable, from_wire
 from .extraction import messages_to_memories
-from .liveness import check_daemon
+from .liveness import check_daemon, restarting
 from .memtypes import load_types
 from .models import Event, Memory, plain
 from .operations import Operation
@@ -47,6 +47,7 @@ def default_socket() -> Path:
 
 
 _LOOK_EVERY_MS = 1000  # a blocking call checks that the daemon is still there this often while it waits
+_LOOK_WHILE_RESTARTING_MS = 50  # ...and this often while memosd restarts in place, to resend at once
 
 
 def _went_away(exc: Unavailable, op: str) -> Unavailable:
@@ -356,6 +357,7 @@ class Client(AsyncClient):
             sock.send(frame)
             deadline = time.monotonic() + self.timeout
             wait_ms = min(_LOOK_EVERY_MS, max(1, int(self.timeout * 1000)))
+            restart_seen = False
             while True:
                 if self._local.rcvtimeo != wait_ms:
                     sock.RCVTIMEO = self._local.rcvtimeo = wait_ms
@@ -366,7 +368,16 @@ class Client(AsyncClient):
                     if left <= 0:
                         break
                     self._check_still_there(op)  # a daemon that died meanwhile will not answer: say so now
-                    wait_ms = min(_LOOK_EVERY_MS, max(1, int(left * 1000)))
+                    look = _LOOK_EVERY_MS
+                    if restarting(self.socket_path):  # memosd restarts in place (store_compact)
+                        restart_seen, look = True, _LOOK_WHILE_RESTARTING_MS
+                    elif restart_seen:
+                        # Back: a request the old process had not read went with it. Sent again under
+                        # the same id, it is applied once (or answered from its stored reply).
+                        restart_seen = False
+                        sock.send(frame)
+                        deadline = time.monotonic() + self.timeout
+                    wait_ms = min(look, max(1, int((deadline - time.monotonic()) * 1000)))
                     continue
                 if reply.get("id") == rid:
                     if "partial" not in reply:

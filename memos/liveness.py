@@ -28,7 +28,7 @@ def check_daemon(path: str | os.PathLike[str]) -> None:
     try:
         probe.connect(str(path))
     except (FileNotFoundError, ConnectionRefusedError) as exc:
-        if _restarting(path):
+        if restarting(path):
             return  # memosd announced a restart in place (store_compact): it will listen here again soon
         if isinstance(exc, FileNotFoundError):
             raise Unavailable(f"memosd is not running: there is no socket at {path}; {HOW_TO_START}",
@@ -51,7 +51,7 @@ def restart_marker(path: str | os.PathLike[str]) -> Path:
     return Path(f"{path}.restarting")
 
 
-def _restarting(path: Path) -> bool:
+def restarting(path: str | os.PathLike[str]) -> bool:
     """Is the process named in the socket's restart marker alive? (A killed restart is no restart.)"""
     try:
         pid = int(restart_marker(path).read_text().split()[0])
