@@ -64,9 +64,9 @@ def kept_versions(times: Iterable[tuple[int, float]], head: int, rules: Retentio
     for v, t in times:  # so a clock that stepped back never drops a version newer than a kept one
         if v > head - rules.keep_versions:
             kept.add(v)
-        if t >= all_cut and recent_from is None:
+        if t > all_cut and recent_from is None:  # younger than all_days: 0 keeps none for its age
             recent_from = v
-        if t >= daily_cut:
+        if t > daily_cut:
             newest_of_day[int(t // DAY_S)] = v  # oldest first: the last one seen is the day's newest
     kept.update(newest_of_day.values())
     if recent_from is not None:

@@ -51,3 +51,22 @@ def check_store(m: Memos) -> None:
     assert stored_refs == dict(refs)
     assert stored_cube == dict(cube_refs)
     assert blobs == set(refs), "a used blob is missing, or an unused one is left"
+
+
+def check_minimal(m: Memos, cube: str) -> None:
+    """Every version record left is read by a kept version, and no memory's first record is absent."""
+    versions = kept(m, cube)
+    prefix = cube.encode() + b"\0"
+    records: dict[bytes, list[tuple[int, bool]]] = {}
+    with m.store.read() as txn:
+        cur = txn.cursor(db=m.store.db["versions"])
+        if cur.set_range(prefix):
+            for key, state in cur:
+                if not key.startswith(prefix):
+                    break
+                records.setdefault(bytes(key[:-8]), []).append((codec.from_u64(bytes(key[-8:])), bytes(state) == ABSENT))
+    for memory, rows in records.items():
+        assert not rows[0][1], f"{memory!r} starts with an absent record"
+        for i, (v, _) in enumerate(rows):
+            nxt = rows[i + 1][0] if i + 1 < len(rows) else None
+            assert any(v <= k and (nxt is None or k < nxt) for k in versions), f"{memory!r} v{v} is read by no kept version"
