@@ -74,6 +74,10 @@ def test_the_compact_policy_asks_where_versions_may_go_and_memosctl_pins(running
     admin.cube_create("notes")
     mem = admin.add("notes", "v0")
     versions = [mem.version] + [admin.update("notes", mem.id, f"v{i}").version for i in range(1, 5)]
+    memosctl(d, "cube", "retention", "notes", "--all-days", "0.5", "--keep-versions", "1")
+    assert admin.cube_get("notes").settings["retention"] == {"all_days": 0.5, "keep_versions": 1}
+    memosctl(d, "cube", "retention", "notes")  # none given: back to the daemon's rules
+    assert "retention" not in admin.cube_get("notes").settings
     memosctl(d, "cube", "pin", "notes", str(versions[2]), "--name", "keep")
     assert admin.cube_get("notes").pins == {"keep": versions[2]}
     run = admin.policy_run("compact", dry_run=True)
