@@ -122,7 +122,14 @@ class Memories:
             if metadata is not None:
                 mem.metadata = check.metadata(metadata, core.limits)
             if status is not None:
-                mem.status = check.status(status)
+                new_status = check.status(status)
+                if mem.status is Status.deleted and new_status is not Status.deleted:
+                    self._check_undelete(txn, found.name, mem)
+                if new_status is Status.deleted:
+                    # A deleted memory keeps no blob: its versions before the delete do, so a rollback
+                    # restores it exactly, and once retention drops those versions the blob is freed.
+                    mem.blob = None
+                mem.status = new_status
             if text is not None or metadata is not None:
                 self._validate(mem.type, mem.text, None, "", mem.tags, mem.metadata, mem.blob)
             mem.updated_at = clock.now()
@@ -251,6 +258,13 @@ class Memories:
         if len(refs) > self.core.limits.max_sources:
             raise TooLarge(f"{len(refs)} sources exceed the limit of {self.core.limits.max_sources}", field="sources")
         return refs
+
+    def _check_undelete(self, txn: lmdb.Transaction, cube: str, mem: Memory) -> None:
+        """An update may undelete a memory, unless the delete dropped its blob: only a rollback restores that."""
+        before = self.core.ledger.state_at(txn, cube, mem.id, mem.version - 1)
+        if before is not None and Memory.from_state_bytes(before[1], before[0]).blob is not None:
+            raise InvalidRequest(f"memory {mem.id} held a blob, which its delete let go; roll the delete back "
+                                 "to restore it exactly", memory=mem.id, field="status")
 
     def _store_state(self, txn: lmdb.Transaction, mem: Memory, version: int) -> bytes:
         state = mem.state_bytes()

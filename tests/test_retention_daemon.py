@@ -94,3 +94,25 @@ def test_the_compact_policy_asks_where_versions_may_go_and_memosctl_pins(running
     assert info.value.details["oldest_kept"] == versions[2]
     assert [c.version for c in admin.history("notes")] == [versions[-1], versions[2]]
     assert admin.audit_verify().ok
+
+
+def test_a_cache_retired_by_delete_is_freed_once_its_versions_go(running):
+    """How demote retires a cache: a delete, which keeps no blob; compaction frees the blob with the
+    last version that still read the cache alive."""
+    d, sim = running
+    admin = d.client(timeout=60)
+    admin.cube_create("kv-del", {"retention": {"all_days": 0, "keep_versions": 3}})
+    size = 200_000
+    prev = None
+    sizes, freed = [], []
+    for i in range(20):
+        sim.advance(3600)
+        made = admin.add("kv-del", f"cache {i}", type="opaque", blob=os.urandom(size))
+        if prev is not None:
+            admin.delete("kv-del", prev)
+        freed.append(admin.cube_compact("kv-del").blobs_freed)
+        sizes.append(blob_bytes(d))
+        prev = made.id
+    assert all(n == 1 for n in freed[3:]), freed
+    assert len(set(sizes[3:])) == 1 and sizes[-1] <= 2 * size, sizes  # flat: the store stopped growing
+    assert admin.audit_verify().ok

@@ -164,15 +164,17 @@ def test_blob_survives_update_delete_and_rollback(memos, cube):
     assert refs() == 1
     memos.update(ALICE, cube, mem.id, tags=["t"])
     assert refs() == 2
-    memos.delete(ALICE, cube, mem.id)
-    assert refs() == 3
+    deleted = memos.delete(ALICE, cube, mem.id)
+    assert deleted.blob is None and refs() == 2  # a deleted memory keeps no blob; its earlier versions do
+    with pytest.raises(InvalidRequest):
+        memos.update(ALICE, cube, mem.id, status="active")  # undeleting would lose the blob: roll back instead
     memos.rollback(ALICE, cube, 0)  # the memory is absent at version 0
     assert memos.list(ALICE, cube, status=None) == []
-    assert refs() == 3
+    assert refs() == 2
     assert memos.get_blob(ALICE, cube, sha) == data
     assert memos.get(ALICE, cube, mem.id, at=1).blob.sha256 == sha
-    memos.rollback(ALICE, cube, 2)  # brings the blob's memory back
-    assert refs() == 4
+    memos.rollback(ALICE, cube, 2)  # brings the blob's memory back, exactly
+    assert refs() == 3
     assert memos.get(ALICE, cube, mem.id).blob.sha256 == sha
     assert memos.get_blob(ALICE, cube, sha) == data
 
