@@ -30,7 +30,7 @@ from . import catalog, watching
 from . import protocol as p
 from .errors import InvalidRequest, MemosError, Timeout, TooLarge, Unavailable, from_wire
 from .extraction import messages_to_memories
-from .liveness import check_daemon, restarting
+from .liveness import check_daemon
 from .memtypes import load_types
 from .models import Event, Memory, plain
 from .operations import Operation
@@ -357,7 +357,7 @@ class Client(AsyncClient):
             sock.send(frame)
             deadline = time.monotonic() + self.timeout
             wait_ms = min(_LOOK_EVERY_MS, max(1, int(self.timeout * 1000)))
-            restart_seen = False
+            sent_to = _inode(self.socket_path)
             while True:
                 if self._local.rcvtimeo != wait_ms:
                     sock.RCVTIMEO = self._local.rcvtimeo = wait_ms
@@ -368,15 +368,16 @@ class Client(AsyncClient):
                     if left <= 0:
                         break
                     self._check_still_there(op)  # a daemon that died meanwhile will not answer: say so now
-                    look = _LOOK_EVERY_MS
-                    if restarting(self.socket_path):  # memosd restarts in place (store_compact)
-                        restart_seen, look = True, _LOOK_WHILE_RESTARTING_MS
-                    elif restart_seen:
-                        # Back: a request the old process had not read went with it. Sent again under
-                        # the same id, it is applied once (or answered from its stored reply).
-                        restart_seen = False
+                    listening = _inode(self.socket_path)
+                    if listening is not None and listening != sent_to:
+                        # memosd started again (in place: store_compact) since this was sent: a request
+                        # the old process had taken but not read went with it. Sent again under the same
+                        # id, it is applied once (or answered from its stored reply).
+                        sent_to = listening
                         sock.send(frame)
                         deadline = time.monotonic() + self.timeout
+                    # No socket while the check above passed: a restart in place is under way.
+                    look = _LOOK_EVERY_MS if listening is not None else _LOOK_WHILE_RESTARTING_MS
                     wait_ms = min(look, max(1, int((deadline - time.monotonic()) * 1000)))
                     continue
                 if reply.get("id") == rid:
@@ -435,6 +436,16 @@ class Client(AsyncClient):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    """Which socket file is there: a daemon that starts again binds a new one (an inode number may
+    be reused at once, its change time not)."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_ino, found.st_ctime_ns
 
 
 def _blocking(method: Callable[..., Any]) -> Callable[..., Any]:
