@@ -14,8 +14,9 @@ pages in use and free, from ``store_stats``) is printed every ``--every`` rounds
 
 Then, on each store: ``store_compact`` (the file rewritten without its free pages; memosd restarts
 in place), its time, the bytes it freed and how long requests waited; and ``get`` of a small memory
-from another client, paced 10 ms apart, while idle and while the compaction runs (same run: the
-ratio of the p50s, and the worst wait).
+from ``--readers`` other clients, each paced 10 ms apart, while idle and while the compaction runs
+(same run: the p50s, their ratio, and the worst wait). A get that overlaps the compaction at all
+counts as during it.
 
 Usage: python bench/retention.py [--rounds 100] [--blobs 4] [--blob-kb 256] [--updates 10] [--keep 20]
 """
@@ -53,6 +54,7 @@ def rounds(client: Client, args: argparse.Namespace, retention: bool, rng: rando
         client.cube_retention("work", {"all_days": 0, "daily_days": 0, "keep_versions": args.keep})
     texts = [m.id for m in client.add_many("work", [f"note {i}" for i in range(50)])]
     previous: list[str] = []
+    previous_version = 0
     figures = []
     for n in range(1, args.rounds + 1):
         before = client.cube_get("work").version
@@ -73,31 +75,34 @@ def rounds(client: Client, args: argparse.Namespace, retention: bool, rng: rando
     return figures
 
 
-def gets_during(socket: str, memory_id: str, work: Any, idle_s: float) -> dict[str, Any]:
-    """``get`` latencies (start time, seconds) while idle for ``idle_s``, then while ``work()`` runs."""
-    client = Client(socket, timeout=60, retries=2)
+def gets_during(socket: str, memory_id: str, work: Any, idle_s: float, readers: int) -> dict[str, Any]:
+    """``get`` latencies from ``readers`` clients, each paced 10 ms apart: those begun while idle for
+    ``idle_s``, and those that overlap ``work()`` (begun before it ended and ended after it began)."""
     timings: list[tuple[float, float]] = []
     stop = threading.Event()
 
     def loop() -> None:
+        client = Client(socket, timeout=60, retries=2)
         while not stop.is_set():
             began = time.perf_counter()
             client.get("work", memory_id)
-            timings.append((began, time.perf_counter() - began))
+            timings.append((began, time.perf_counter()))
             time.sleep(PACE_S)
+        client.close()
 
-    thread = threading.Thread(target=loop)
-    thread.start()
+    threads = [threading.Thread(target=loop) for _ in range(readers)]
+    for thread in threads:
+        thread.start()
     time.sleep(idle_s)
     window = time.perf_counter()
     result = work()
     end = time.perf_counter()
-    time.sleep(0.2)
+    time.sleep(0.5)
     stop.set()
-    thread.join()
-    client.close()
-    idle = [t for s, t in timings if s < window]
-    during = [t for s, t in timings if window <= s <= end]
+    for thread in threads:
+        thread.join()
+    idle = [e - s for s, e in timings if e < window]
+    during = [e - s for s, e in timings if s <= end and e >= window]
     return {"result": result, "idle": idle, "during": during}
 
 
@@ -117,7 +122,7 @@ def one_run(args: argparse.Namespace, retention: bool) -> dict[str, Any]:
         figures = rounds(client, args, retention, random.Random(args.seed))
         took = time.monotonic() - began
         small = client.add("work", "the memory timed by get").id
-        timed = gets_during(socket, small, lambda: compact(client), args.idle_s)
+        timed = gets_during(socket, small, lambda: compact(client), args.idle_s, args.readers)
         client.close()
         return {"figures": figures, "rounds_s": took, **timed}
     finally:
@@ -140,6 +145,7 @@ def main() -> int:
     parser.add_argument("--keep", type=int, default=20, help="versions retention keeps (keep_versions)")
     parser.add_argument("--every", type=int, default=10, help="print the store's size every this many rounds")
     parser.add_argument("--idle-s", type=float, default=3.0, dest="idle_s")
+    parser.add_argument("--readers", type=int, default=4, help="clients timing get, each paced 10 ms apart")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     print(f"# bench/retention.py  {platform.machine()}  {os.cpu_count()} cpus  Python {platform.python_version()}  "

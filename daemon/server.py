@@ -217,6 +217,8 @@ class Server:
         with self._out_lock:
             for sock in self._out_sockets:
                 sock.close(linger=0)
+        if self.restart_in_place:
+            self._answer_unread()
         for sock in (self.router, self._pull):
             sock.close(linger=1000)
         self.zmq.term()
@@ -440,3 +442,16 @@ class Server:
                 self._stop.set()
 
         return send
+
+    def _answer_unread(self) -> None:
+        """Before a restart in place closes the socket: requests taken but never read would go with
+        it, and their clients would wait a look (``memos.client``) to find out. They are told instead
+        (unavailable, ``restarting``), and a blocking client sends them again to the new process."""
+        restarting = Unavailable("memosd is restarting in place (store_compact); send again", restarting=True)
+        while self.router.getsockopt(_EVENTS) & _POLLIN:
+            frames = self.router.recv_multipart()
+            try:
+                rid = p.request_id_of(p.decode(frames[1], self.cfg.max_message_bytes)) if len(frames) == 2 else None
+            except MemosError:
+                rid = None
+            self._send_now(frames[0])(p.error_reply(rid, restarting))

@@ -357,7 +357,7 @@ class Client(AsyncClient):
             sock.send(frame)
             deadline = time.monotonic() + self.timeout
             wait_ms = min(_LOOK_EVERY_MS, max(1, int(self.timeout * 1000)))
-            sent_to = _inode(self.socket_path)
+            sent_to, told = _inode(self.socket_path), False
             while True:
                 if self._local.rcvtimeo != wait_ms:
                     sock.RCVTIMEO = self._local.rcvtimeo = wait_ms
@@ -373,14 +373,17 @@ class Client(AsyncClient):
                         # memosd started again (in place: store_compact) since this was sent: a request
                         # the old process had taken but not read went with it. Sent again under the same
                         # id, it is applied once (or answered from its stored reply).
-                        sent_to = listening
+                        sent_to, told = listening, False
                         sock.send(frame)
                         deadline = time.monotonic() + self.timeout
-                    # No socket while the check above passed: a restart in place is under way.
-                    look = _LOOK_EVERY_MS if listening is not None else _LOOK_WHILE_RESTARTING_MS
+                    # Told so, or no socket while the check above passed: a restart in place is under way.
+                    look = _LOOK_WHILE_RESTARTING_MS if told or listening is None else _LOOK_EVERY_MS
                     wait_ms = min(look, max(1, int((deadline - time.monotonic()) * 1000)))
                     continue
                 if reply.get("id") == rid:
+                    if _restarting(reply):  # taken by a process that restarts in place: sent again
+                        told, wait_ms = True, _LOOK_WHILE_RESTARTING_MS  # once the new one listens (above)
+                        continue
                     if "partial" not in reply:
                         return self._result(reply)
                     if on_partial is not None:
@@ -436,6 +439,13 @@ class Client(AsyncClient):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _restarting(reply: dict[str, Any]) -> bool:
+    """memosd's answer to a request it took but could not serve before restarting in place."""
+    error = reply.get("error")
+    return (reply.get("ok") is False and isinstance(error, dict) and error.get("code") == "unavailable"
+            and isinstance(error.get("details"), dict) and error["details"].get("restarting") is True)
 
 
 def _inode(path: Path) -> tuple[int, int] | None:
