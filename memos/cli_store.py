@@ -8,12 +8,13 @@ rewrite is recorded, then prints the sizes before and after and how long request
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 from .client import Client
-from .errors import Timeout, Unavailable
+from .errors import StorageError, Timeout, Unavailable
 
 _WAIT_S = 600.0  # a rewrite copies the whole file: minutes for a very large store
 
@@ -31,11 +32,13 @@ def calls(client: Client, a: argparse.Namespace) -> dict[str, Callable[[], Any]]
 def compact(client: Client) -> dict[str, Any]:
     """Request the rewrite, wait for memosd to serve the rewritten file, report what it did."""
     began = time.monotonic()
+    old = _socket_id(client.socket_path)
     requested = client.store_compact(client.store_stats()["path"])
     deadline = began + _WAIT_S
     # Short waits: a question the old process takes but never reads before it drains is asked again.
     with Client(client.socket_path, token=client.token, timeout=1.0, retries=0) as asker:
         while time.monotonic() < deadline:
+            restarted = _socket_id(client.socket_path) not in (None, old)  # before asking: then it answers
             try:
                 last = asker.store_stats()["last_compaction"]
             except Unavailable:  # timeouts included: the restart in place is under way
@@ -44,8 +47,20 @@ def compact(client: Client) -> dict[str, Any]:
             if last is not None and last["id"] == requested["id"]:
                 return {**last, "freed": last["bytes_before"] - last["bytes_after"],
                         "paused_s": round(time.monotonic() - began, 3)}
+            if restarted:  # the new process opened the store without rewriting it
+                raise StorageError(f"memosd restarted but could not rewrite the file (its log says why); "
+                                   f"compaction {requested['id']} is tried again when it next starts")
             time.sleep(0.05)  # the old process still answers until it has drained
     raise Timeout(f"memosd did not report compaction {requested['id']} within {_WAIT_S:.0f}s")
+
+
+def _socket_id(path: Any) -> tuple[int, int] | None:
+    """Which socket file memosd listens on: the process that starts again binds a new one."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_ino, found.st_ctime_ns
 
 
 def human(command: str, value: dict[str, Any]) -> str:

@@ -232,8 +232,19 @@ class Store:
             with self.read() as txn:
                 pending = txn.get(_REWRITE_PENDING, db=self.db["meta"])
             if pending is not None:  # set by a migration or store_compact, cleared once done:
-                done = self._rewrite_live_pages()  # a crash in between redoes it
-                self.write(lambda txn: self._rewritten(txn, bytes(pending), done))
+                try:  # a crash in between redoes it
+                    done = self._rewrite_live_pages()
+                except (OSError, lmdb.Error) as exc:
+                    if not pending:  # a migration's: the pages it freed held secrets, they must go
+                        raise
+                    # A full disk, say: the old file is whole (a crash could leave it too), so the
+                    # store opens as it was, and the requested rewrite is tried at the next opening.
+                    log.error("compacting the store failed; it is used as it was: %s", exc)
+                    shutil.rmtree(os.path.join(self.path, "compacting"), ignore_errors=True)
+                    if not self._is_open():
+                        self._open()
+                else:
+                    self.write(lambda txn: self._rewritten(txn, bytes(pending), done))
         except BaseException as exc:
             # An environment left open blocks every later open of this path in
             # this process, so a refused store must be closed before raising.
@@ -300,6 +311,13 @@ class Store:
                 "copy_s": round(time.monotonic() - began, 6), "done_at": time.time()}
         log.info("store rewritten without freed pages", extra={"path": self.path, **done})
         return done
+
+    def _is_open(self) -> bool:
+        try:
+            self.env.info()
+        except lmdb.Error:
+            return False
+        return True
 
     def _rewritten(self, txn: lmdb.Transaction, request: bytes, done: dict[str, Any]) -> None:
         """The rewrite is over: no longer pending, and what a requested one did is kept to be audited."""

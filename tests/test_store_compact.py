@@ -245,3 +245,21 @@ def test_store_stats_counts_bytes_by_cube_and_type_and_only_the_admin_may_ask(da
         admin.store_compact("/tmp/not-this-store")
     assert "stats-a" in memosctl(daemon, "store", "stats").stdout
     assert daemon.alive() and admin.ping()
+
+
+def test_a_rewrite_that_fails_leaves_the_store_as_it_was_and_is_tried_again(tmp_path):
+    """A full disk, say, at open: the store opens unchanged and the request stays pending."""
+    from memos.api import LOCAL_ADMIN, Memos
+
+    with Memos(tmp_path) as m:
+        m.create_cube(LOCAL_ADMIN, "kept")
+        m.add(LOCAL_ADMIN, "kept", "a memory")
+        requested = m.store_compact(LOCAL_ADMIN, str(tmp_path))
+    (tmp_path / "compacting").write_text("in the way: the copy's folder cannot be made")
+    with Memos(tmp_path) as m:
+        assert m.list(LOCAL_ADMIN, "kept")[0].text == "a memory"
+        assert m.store_stats(LOCAL_ADMIN)["last_compaction"] is None and m.store.rewrite_pending()
+    (tmp_path / "compacting").unlink()
+    with Memos(tmp_path) as m:
+        assert m.store_stats(LOCAL_ADMIN)["last_compaction"]["id"] == requested["id"]
+        assert not m.store.rewrite_pending() and m.audit_verify(LOCAL_ADMIN).ok
