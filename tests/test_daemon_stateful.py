@@ -2,10 +2,11 @@
 
 A Hypothesis state machine drives one memosd (for the whole test; a fresh cube for each example)
 as the local administrator and as a second agent with a token of its own. Its rules add, update,
-delete, search, roll back, grant the second agent a role (or none), write as that agent, restart
-the daemon cleanly, and SIGKILL it and start it again. After every step the daemon must agree with
-the model: each memory's text and status, the cube's version, a past version's contents, history
-without gaps, and what the second agent may read and write under its role.
+delete, roll back, grant the second agent a role (or none), write and search as that agent,
+restart the daemon cleanly, and SIGKILL it and start it again. After every step the daemon must
+agree with the model: each memory's text and status, the cube's version, a past version's
+contents, history without gaps, search (each memory found by the one token only its text holds
+while active, never once deleted), and what the second agent may read and write under its role.
 
 The store's own state machine (tests/test_store_stateful.py) covers the versioning in depth,
 in-process; this one covers what the wire, the writer, the index and restarts add to it.
@@ -140,15 +141,8 @@ class DaemonMachine(RuleBasedStateMachine):
 
     # -- reads -------------------------------------------------------------
 
-    @precondition(lambda self: self.known)
-    @rule(as_other=st.booleans())
-    def search(self, as_other) -> None:
-        """Every memory is searched for by the token only its text holds: found while active, never once deleted."""
-        client = self.other if as_other else self.admin
-        if as_other and self.role is None:
-            with pytest.raises(Denied):
-                client.search(self.cube, "anything", k=3)
-            return
+    def _search_each(self, client) -> None:
+        """Every memory searched for by the token only its text holds: found while active, never once deleted."""
         for memory_id, (text, status) in self.model.items():
             token = text.split()[-1]
             hits = {h.memory.id: h.memory.text for h in client.search(self.cube, token, k=3)}
@@ -156,6 +150,14 @@ class DaemonMachine(RuleBasedStateMachine):
                 assert hits.get(memory_id) == text, (token, hits)
             else:
                 assert memory_id not in hits, f"deleted {memory_id} found"
+
+    @rule()
+    def search_as_other(self) -> None:
+        if self.role is None:
+            with pytest.raises(Denied):
+                self.other.search(self.cube, "anything", k=3)
+            return
+        self._search_each(self.other)
 
     # -- the daemon --------------------------------------------------------
 
@@ -191,6 +193,11 @@ class DaemonMachine(RuleBasedStateMachine):
             == self.snapshots[past]
 
     @invariant()
+    def search_agrees_with_the_model(self) -> None:
+        if self.snapshots:
+            self._search_each(self.admin)
+
+    @invariant()
     def the_other_agent_reads_what_its_role_allows(self) -> None:
         if not self.snapshots:
             return
@@ -212,7 +219,7 @@ def test_the_daemon_behaves_as_the_model_says():
         DaemonMachine.daemon = d
         DaemonMachine.other_token = d.client().agent_add("stateful-other")["token"]
         run_state_machine_as_test(DaemonMachine, settings=settings(
-            max_examples=12, stateful_step_count=20, deadline=None, derandomize=True, database=None,
+            max_examples=15, stateful_step_count=25, deadline=None, derandomize=True, database=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
         for i in range(len(d.logs)):  # no daemon of the run logged a traceback
             assert "Traceback" not in d.log(i), d.log(i)[-3000:]
