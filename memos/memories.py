@@ -13,7 +13,7 @@ from . import catalog, clock, codec
 from . import validation as check
 from .access import Actor
 from .core import Core
-from .errors import Conflict, InvalidRequest, NotFound, TooLarge
+from .errors import Conflict, IntegrityError, InvalidRequest, NotFound, TooLarge
 from .ids import new_id
 from .ledger import Ledger
 from .memtypes import Item, check_type
@@ -382,7 +382,12 @@ class Memories:
             core.require(txn, actor, cube, Role.read, shared=True)
             if not isinstance(sha256, str) or len(sha256) != 64:
                 raise InvalidRequest("blob id must be a sha256 hex digest", field="sha256")
-            return core.ledger.get_blob(txn, sha256, cube)
+            data = core.ledger.get_blob(txn, sha256, cube)
+            # Served only as what it claims to be: a blob damaged on disk is refused, not passed on.
+            if codec.sha256_hex(data) != sha256:
+                raise IntegrityError(f"blob {sha256} does not match its hash: it was damaged on disk",
+                                     blob=sha256, cube=cube)
+            return data
 
         return core.read(actor, "get_blob", cube, fn)
 
