@@ -24,7 +24,11 @@ def _die_with_parent() -> None:
 def spawn(data_dir: Path, socket: str, env: dict[str, str] | None = None,
           timeout: float = 60.0) -> subprocess.Popen:
     """memosd on ``data_dir`` and ``socket``, once it answers ``ping``."""
-    environ = {**os.environ, "HF_HUB_OFFLINE": "1", "MEMOS_DAEMON__LOG_LEVEL": "WARNING", **(env or {})}
+    # The audit signing key and checkpoints of a throwaway store stay beside it, never in ~/.config.
+    keys = Path(data_dir).parent
+    environ = {**os.environ, "HF_HUB_OFFLINE": "1", "MEMOS_DAEMON__LOG_LEVEL": "WARNING",
+               "MEMOS_AUDIT__SIGNING_KEY": str(keys / "audit-signing.key"),
+               "MEMOS_AUDIT__CHECKPOINT_FILE": str(keys / "audit-checkpoints.jsonl"), **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "memos.daemon.main", "--data-dir", str(data_dir),
                              "--socket", socket], env=environ, preexec_fn=_die_with_parent)
     probe = Client(socket, timeout=1.0, retries=0)

@@ -134,10 +134,7 @@ def main() -> int:
     seconds = args.minutes * 60
     root = Path(tempfile.mkdtemp(prefix="memos-soak-"))
     socket = str(root / "memosd.sock")
-    # The audit signing key and checkpoints of this throwaway store stay with it, not in ~/.config.
-    proc = spawn(root / "data", socket, env={"MEMOS_SEARCH__EMBEDDER": args.embedder, "MEMOS_ACTIVATION__MODELS": "{}",
-                                             "MEMOS_AUDIT__SIGNING_KEY": str(root / "audit-signing.key"),
-                                             "MEMOS_AUDIT__CHECKPOINT_FILE": str(root / "audit-checkpoints.jsonl")})
+    proc = spawn(root / "data", socket, env={"MEMOS_SEARCH__EMBEDDER": args.embedder, "MEMOS_ACTIVATION__MODELS": "{}"})
     print(f"# bench/soak.py  {time.strftime('%Y-%m-%d %H:%M')}  {args.minutes:g} min, {args.clients} clients, "
           f"{args.memories} memories to start, embedder {args.embedder}, {psutil.cpu_count()} CPUs", flush=True)
     try:
