@@ -17,6 +17,7 @@ from typing import Any
 import msgpack
 
 from . import codec
+from .durable import fsync_path
 from .errors import IntegrityError, InvalidRequest
 
 FORMAT = "memos-audit-archive-v1"
@@ -45,11 +46,7 @@ def write(path: Path, header: dict[str, Any], records: list[bytes]) -> str:
                 digest.update(chunk)
             f.flush()
             os.fsync(f.fileno())
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        fsync_path(path.parent)
     except BaseException:
         path.unlink(missing_ok=True)
         raise

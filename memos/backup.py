@@ -21,6 +21,7 @@ from typing import Any
 from . import catalog, clock
 from .access import Actor
 from .core import Core
+from .durable import fsync_path
 from .errors import Conflict, IntegrityError, InvalidRequest, StorageError
 from .models import Checkpoint
 from .storage import SCHEMA_VERSION
@@ -35,14 +36,6 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             sha.update(chunk)
     return sha.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Backups:
@@ -69,14 +62,14 @@ class Backups:
         except Exception as exc:
             raise self.core.refused(actor, "store_backup", None, StorageError(f"backup failed: {exc}")) from None
         data = folder / DATA
-        _fsync(data)
+        fsync_path(data)
         manifest = {"format": FORMAT, "version": 1, "schema": SCHEMA_VERSION, "time": clock.now(),
                     "audit_at_least": head.model_dump(), "bytes": data.stat().st_size, "sha256": _sha256(data)}
         tmp = folder / f".{MANIFEST}"
         tmp.write_text(json.dumps(manifest, indent=2))
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, folder / MANIFEST)
-        _fsync(folder)
+        fsync_path(folder)
         return {"path": str(folder), **manifest}
 
 
@@ -98,9 +91,9 @@ def restore(backup: str | os.PathLike[str], data_dir: str | os.PathLike[str]) ->
     target.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = target / f".{DATA}.restoring"
     shutil.copyfile(source / DATA, tmp)
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, target / DATA)
-    _fsync(target)
+    fsync_path(target)
     with Memos(target) as m:
         from .access import LOCAL_ADMIN
 

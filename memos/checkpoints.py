@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from pydantic import ValidationError
 
 from . import clock
+from .durable import fsync_path
 from .errors import ConfigError, IntegrityError, InvalidRequest
 from .models import Boundary, SignedCheckpoint
 
@@ -163,7 +164,7 @@ def _create(path: Path) -> None:
         pass
     finally:
         os.unlink(tmp)
-    _sync_folder(path.parent)
+    fsync_path(path.parent)
 
 
 def _private_bytes(path: Path) -> bytes:
@@ -178,14 +179,6 @@ def _private_bytes(path: Path) -> bytes:
                               f"make it 0600 (chmod 600 {path})")
         with os.fdopen(fd, "rb", closefd=False) as f:
             return f.read()
-    finally:
-        os.close(fd)
-
-
-def _sync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -251,7 +244,7 @@ class CheckpointLog:
         finally:
             os.close(fd)
         if created:
-            _sync_folder(self.path.parent)
+            fsync_path(self.path.parent)
         self._last, self._read_last = checkpoint, True
         return checkpoint
 

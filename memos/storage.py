@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import lmdb
 
 from . import codec, tokens
+from .durable import fsync_path
 from .errors import InvalidRequest, MemosError, StorageError, TooLarge
 
 log = logging.getLogger(__name__)
@@ -290,20 +291,12 @@ class Store:
         self.env.copy(folder, compact=True)
         hold_at("compact:copied")
         copy = os.path.join(folder, "data.mdb")
-        fd = os.open(copy, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(copy)
         hold_at("compact:synced")
         self.env.close()
         os.replace(copy, data)
         hold_at("compact:renamed")
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the rename itself
-        finally:
-            os.close(fd)
+        fsync_path(self.path)  # the rename itself
         os.rmdir(folder)
         self._open()
         hold_at("compact:reopened")
