@@ -30,7 +30,6 @@ from .agents import Agents
 from .auditing import AuditAdmin
 from .backup import Backups
 from .checkpoints import CheckpointLog
-from .compaction import StoreAdmin
 from .core import Core
 from .cubes import Cubes
 from .errors import MemosError
@@ -43,6 +42,7 @@ from .proposals import Proposals
 from .retention import Retention, RetentionRules
 from .session import JobControl, Session
 from .storage import Store, StoreOptions
+from .store_admin import StoreAdmin
 from .transfer import Transfers
 from .validation import Limits
 from .versions import Versions

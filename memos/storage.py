@@ -58,8 +58,8 @@ Migration = Callable[["Store", lmdb.Transaction], None]
 
 
 _REWRITE_PENDING = b"rewrite_pending"  # meta: the file still holds freed pages that must go
-# ...its value: b"" (set by a migration) or a store_compact request (msgpack; memos.compaction)
-LAST_REWRITE = b"last_compaction"  # meta: what the last requested rewrite did (memos.compaction audits it)
+# ...its value: b"" (set by a migration) or a store_compact request (msgpack; memos.store_admin)
+LAST_REWRITE = b"last_compaction"  # meta: what the last requested rewrite did (memos.store_admin audits it)
 
 
 def request_time_key(stored_at: float, key: bytes) -> bytes:
