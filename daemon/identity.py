@@ -13,6 +13,10 @@ refused there, before they can send anything. Then, request by request
   every client must present one;
 * anyone else is refused.
 
+Over tcp (``transport.py``) the peer is a CURVE key, not a uid: the ZAP
+handler names it ``curve:<z85 key>`` (``curve_clients``, when set, lists the
+keys allowed), and every request it sends must carry a token.
+
 With ``require_token`` the administrator's token lives in a 0600 file for the
 operator (``admin_token_file``): made at start when missing or no longer valid,
 rewritten when the token is rotated.
@@ -29,12 +33,15 @@ import threading
 from pathlib import Path
 
 import zmq
+from zmq.utils import z85
 
 from memos.access import LOCAL_ADMIN, Actor
 from memos.api import Memos
 from memos.config import DaemonSettings
 from memos.errors import ConfigError, MemosError, Unauthenticated
 from memos.writes import Applied, Write
+
+from .transport import CURVE_PREFIX
 
 log = logging.getLogger("memosd.identity")
 
@@ -78,6 +85,7 @@ class Identity:
         self.allowed = {os.getuid(), *cfg.allow_uids, *cfg.uid_agents}
         self._uid_agents = {str(uid): name for uid, name in cfg.uid_agents.items()}
         self._own_uid = str(os.getuid())
+        self._curve_clients = set(cfg.curve_clients)
         self._tokens: dict[str, Actor] = {}
         self._tokens_lock = threading.Lock()
         self._tokens_generation = 0  # bumped by forget_tokens: older lookups are not cached
@@ -96,6 +104,9 @@ class Identity:
                     if generation == self._tokens_generation:
                         self._tokens[token] = actor
             return actor
+        if uid is not None and uid.startswith(CURVE_PREFIX):  # tcp: nobody vouches for a uid
+            raise Unauthenticated("a client over tcp must present a token (an agent's, or the "
+                                  "administrator's of require_token)")
         if self.cfg.require_token:
             raise Unauthenticated(f"memosd requires a token from every client (require_token); the "
                                   f"administrator's is in {self.cfg.admin_token_file}")
@@ -159,7 +170,10 @@ class Identity:
         while not stop.is_set():
             if not poller.poll(200):
                 continue
-            version, request_id, _domain, address, *_ = sock.recv_multipart()
+            version, request_id, _domain, address, _identity, mechanism, *credentials = sock.recv_multipart()
+            if mechanism == b"CURVE":  # a tcp peer (transport.py): no uid, only the key it proved it holds
+                sock.send_multipart(self._curve_peer(version, request_id, address, credentials))
+                continue
             # For ipc peers libzmq passes "<host>:<uid>:<gid>:<pid>" as the address.
             parts = address.decode(errors="replace").split(":")
             uid = int(parts[-3]) if len(parts) >= 3 and parts[-3].isdigit() else None
@@ -169,3 +183,12 @@ class Identity:
                 log.warning("refused connection from uid %s", uid)
                 sock.send_multipart([version, request_id, b"400", b"user not allowed", b"", b""])
         sock.close()
+
+    def _curve_peer(self, version: bytes, request_id: bytes, address: bytes, credentials: list[bytes]) -> list[bytes]:
+        """The ZAP reply for a CURVE peer: any key, or one of ``curve_clients``; its User-Id is
+        ``curve:<key>``, which no uid equals, so authenticate gives it nothing without a token."""
+        key = z85.encode(credentials[0]).decode() if credentials and len(credentials[0]) == 32 else ""
+        if not key or (self._curve_clients and key not in self._curve_clients):
+            log.warning("refused CURVE client %s from %s", key or "?", address.decode(errors="replace"))
+            return [version, request_id, b"400", b"client key not allowed", b"", b""]
+        return [version, request_id, b"200", b"OK", f"{CURVE_PREFIX}{key}".encode(), b""]

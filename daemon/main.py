@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", help="TOML config file (default: MEMOS_CONFIG or the packaged etc/memosd.toml)")
     parser.add_argument("--data-dir", help="folder of the LMDB store")
     parser.add_argument("--socket", help="ipc socket path (its folder must be private to this user)")
+    parser.add_argument("--listen", action="append", metavar="tcp://HOST:PORT",
+                        help="also serve this tcp endpoint, with CURVE (repeatable; docs/security.md)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
     return parser.parse_args(argv)
 
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             daemon["data_dir"] = args.data_dir
         if args.socket:
             daemon["socket"] = args.socket
+        if args.listen:
+            daemon["listen"] = args.listen
         if args.log_level:
             daemon["log_level"] = args.log_level
         settings = config.load(args.config)

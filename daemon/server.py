@@ -55,6 +55,7 @@ from memos.operations import Route, bind
 from .audit_export import CheckpointExport
 from .identity import Identity, group_id, private_dir
 from .scheduler import Scheduler
+from .transport import bind_tcp, server_keys
 from .types import MemoryTypes
 from .watchers import Watcher, Watchers
 from .writer import Job, Writer, wait_for
@@ -137,6 +138,7 @@ class Server:
                                   "memosd will not take its socket over")
         if self.cfg.clock_file is not None:
             clock.use_file(self.cfg.clock_file)
+        curve = server_keys(self.cfg, data_dir)  # before anything binds: no key, no start
         self.types = MemoryTypes(self.settings, data_dir)
         self.memos = self.types.memos
         self.audit_export = CheckpointExport.start(self.settings, data_dir, self.memos)
@@ -161,6 +163,7 @@ class Server:
         self.router.setsockopt(zmq.MAXMSGSIZE, 2 * self.cfg.max_message_bytes)  # hard cap; soft check replies
         self.router.setsockopt(zmq.LINGER, 1000)
         self.router.bind(f"ipc://{self.socket_path}")
+        bind_tcp(self.router, self.cfg.listen, curve)  # after the ipc bind, which stays without CURVE
         restart_marker(self.socket_path).unlink(missing_ok=True)  # listening again after a restart in place
         self.memos.jobs.listen(self._publish_job)
         # The folder (0700, or 0710 for the group) keeps others out until this mode is set.

@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--socket", default=argparse.SUPPRESS, help="memosd socket (default: MEMOS_SOCKET or the configured path)")
     common.add_argument("--token", default=argparse.SUPPRESS, help="agent token (default: MEMOS_TOKEN, else the administrator's "
                         "token file when memosd requires tokens; none = local admin)")
+    common.add_argument("--server-key", default=argparse.SUPPRESS, dest="server_key",
+                        help="memosd's CURVE public key, for a tcp:// --socket (default: MEMOS_SERVER_KEY)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the result as JSON")
     common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds to wait for a reply")
 
@@ -335,7 +337,7 @@ def _target(client: Client, a: argparse.Namespace) -> tuple[int, list[str] | Non
 
 
 _ROLLBACK_SUBCOMMANDS = {"apply", "propose", "show", "approve", "reject", "proposals", "-h", "--help"}
-_VALUED = {"--socket", "--token", "--timeout"}
+_VALUED = {"--socket", "--token", "--timeout", "--server-key"}
 
 
 def _with_default_rollback(argv: Sequence[str]) -> list[str]:
@@ -444,6 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         options["token"] = token
     if getattr(args, "timeout", None):
         options["timeout"] = args.timeout
+    if getattr(args, "server_key", None):
+        options["server_key"] = args.server_key
     if args.command in ("activate", "generate", "distill", "fuse") or getattr(args, "sub", None) == "prepare":
         # Never resent: a second frame would start a second job or generation.
         options["retries"] = 0

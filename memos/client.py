@@ -26,7 +26,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from . import catalog, watching
+from . import catalog, endpoints, watching
 from . import protocol as p
 from .errors import InvalidRequest, MemosError, Timeout, TooLarge, Unavailable, from_wire
 from .extraction import messages_to_memories
@@ -36,11 +36,11 @@ from .models import Event, Memory, plain
 from .operations import Operation
 
 
-def default_socket() -> Path:
+def default_socket() -> Path | str:
     """Where memosd listens unless told otherwise: MEMOS_SOCKET, else the configured default."""
     named = os.environ.get("MEMOS_SOCKET") or os.environ.get("MEMOS_DAEMON__SOCKET")
     if named:
-        return Path(named)
+        return endpoints.target(named)
     from .config import load
 
     return load().daemon.socket_path()
@@ -85,8 +85,11 @@ class AsyncClient:
     def __init__(
         self, socket: str | os.PathLike[str] | None = None, *, token: str | None = None,
         timeout: float = 30.0, retries: int = 2, max_message_bytes: int = 64 << 20,
+        server_key: str | bytes | None = None,
     ) -> None:
-        self.socket_path = Path(socket) if socket is not None else default_socket()
+        # An ipc path, or "tcp://HOST:PORT" with memosd's CURVE public key (memos.endpoints).
+        self.socket_path = endpoints.target(socket) if socket is not None else default_socket()
+        self.server_key = endpoints.server_key(server_key, self.socket_path)
         self.token = token if token is not None else os.environ.get("MEMOS_TOKEN") or None
         self.timeout = timeout
         self.retries = retries
@@ -104,7 +107,7 @@ class AsyncClient:
             check_daemon(self.socket_path)  # no daemon: fail now, not after every timeout
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(f"ipc://{self.socket_path}")
+            endpoints.connect(sock, self.socket_path, self.server_key)
             self._sock = sock
             self._reader = asyncio.get_running_loop().create_task(self._read_replies())
         return self._sock
@@ -337,7 +340,7 @@ class Client(AsyncClient):
             sock = zmq.Context.instance().socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             self._local.rcvtimeo = sock.RCVTIMEO  # set per wait, only when it changes
-            sock.connect(f"ipc://{self.socket_path}")
+            endpoints.connect(sock, self.socket_path, self.server_key)
             self._local.sock = sock
             with self._sockets_lock:
                 self._sockets.append(sock)
@@ -448,9 +451,11 @@ def _restarting(reply: dict[str, Any]) -> bool:
             and isinstance(error.get("details"), dict) and error["details"].get("restarting") is True)
 
 
-def _inode(path: Path) -> tuple[int, int] | None:
+def _inode(path: Path | str) -> tuple[int, int] | None:
     """Which socket file is there: a daemon that starts again binds a new one (an inode number may
-    be reused at once, its change time not)."""
+    be reused at once, its change time not). A tcp endpoint has no file: always the same."""
+    if endpoints.is_tcp(path):
+        return 0, 0
     try:
         found = os.stat(path)
     except OSError:

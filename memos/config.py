@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, Field, create_model, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -61,6 +61,11 @@ class DaemonSettings(BaseModel):
     admin_token_file: Path = Field(default_factory=lambda: default_config_dir() / "admin.token",
                                    description="Where memosd keeps the administrator's token (0600) when "
                                    "require_token is on; memosctl reads it.")
+    listen: list[str] = Field(default_factory=list, description="tcp endpoints (tcp://HOST:PORT) served beside "
+                              "the ipc socket, with CURVE: encrypted, and every client must present a token. "
+                              "The server key pair is made in data_dir (curve.key, curve.key.pub).")
+    curve_clients: list[str] = Field(default_factory=list, description="z85 public keys of the clients allowed on "
+                                     "the tcp endpoints; empty: any client key (its token still decides).")
     max_watchers: int = Field(256, ge=1, le=65_536, description="Most clients following events at once.")
     request_retention_s: float = Field(86_400, ge=0, le=10 * 365 * 86_400, description="How long replies are kept for idempotent retries.")
     log_level: str = Field("INFO", description="Logging level.")
@@ -68,6 +73,22 @@ class DaemonSettings(BaseModel):
     governance: Path | None = Field(None, description="Rules of rollback; default: etc/governance.toml.")
     clock_file: Path | None = Field(None, description="For tests and demonstrations only: read the daemon's "
                                     "wall clock from this file (seconds since the epoch). See memos.clock.")
+
+    @field_validator("listen")
+    @classmethod
+    def _tcp_only(cls, endpoints: list[str]) -> list[str]:
+        for endpoint in endpoints:  # only tcp: other transports would bypass both the uid check and CURVE
+            if not endpoint.startswith("tcp://"):
+                raise ValueError(f"listen takes tcp://HOST:PORT endpoints, not {endpoint!r}")
+        return endpoints
+
+    @field_validator("curve_clients")
+    @classmethod
+    def _z85_keys(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            if len(key) != 40:
+                raise ValueError(f"curve_clients takes z85 public keys of 40 characters, not {key!r}")
+        return keys
 
     def socket_path(self) -> Path:
         return self.socket or self.runtime_dir / "memosd.sock"

@@ -5,7 +5,8 @@ ZeroMQ connects to an ipc path that does not exist, or whose daemon died, withou
 queues requests until someone listens. Before it relies on that, a client asks the kernel:
 connecting a plain Unix socket to the path fails at once with "no such file" (no daemon ever
 ran there, or it stopped cleanly) or "connection refused" (a stale socket: its daemon was
-killed). memosd's lock file beside the socket names the pid that held it.
+killed). memosd's lock file beside the socket names the pid that held it. A tcp endpoint
+(memos.endpoints) gets a plain TCP connect instead.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import socket
 from pathlib import Path
 
+from .endpoints import check_tcp, is_tcp
 from .errors import Unavailable
 
 HOW_TO_START = "start it with `memosd` (or point MEMOS_SOCKET at the socket of a running one)"
@@ -22,6 +24,8 @@ HOW_TO_START = "start it with `memosd` (or point MEMOS_SOCKET at the socket of a
 
 def check_daemon(path: str | os.PathLike[str]) -> None:
     """Return if something listens on the socket ``path``; raise Unavailable saying why not."""
+    if is_tcp(path):
+        return check_tcp(path)
     path = Path(path)
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)

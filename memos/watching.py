@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from . import protocol as p
+from .endpoints import connect
 from .errors import Timeout, Unavailable, from_wire
 from .liveness import check_daemon
 from .models import Event
@@ -49,7 +50,7 @@ def follow(client: Client, cube: str | None, timeout: float | None) -> Iterator[
     sock.setsockopt(zmq.LINGER, 0)
     try:
         check_daemon(client.socket_path)
-        sock.connect(f"ipc://{client.socket_path}")
+        connect(sock, client.socket_path, client.server_key)
         rid, frame = client._frame("watch", {"cube": cube})
         sock.send(frame)
         deadline = time.monotonic() + client.timeout
@@ -94,7 +95,7 @@ async def subscribe(client: AsyncClient, cube: str | None) -> AsyncIterator[Even
     check_daemon(client.socket_path)
     sock = client._ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(f"ipc://{client.socket_path}")
+    connect(sock, client.socket_path, client.server_key)
     rid, frame = client._frame("watch", {"cube": cube})
     try:
         await sock.send(frame)
