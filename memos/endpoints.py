@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import TypeGuard
-
-import zmq
+from typing import TYPE_CHECKING, TypeGuard
 
 from .errors import InvalidRequest, Unavailable
+
+if TYPE_CHECKING:
+    import zmq
 
 TCP = "tcp://"
 
@@ -48,6 +49,8 @@ def connect(sock: zmq.Socket, where: Path | str, key: bytes | None) -> None:
     if not is_tcp(where):
         sock.connect(f"ipc://{where}")
         return
+    import zmq  # here: memos.liveness uses this module's tcp check, and needs no zmq for it
+
     assert key is not None  # server_key made sure of it
     public, secret = zmq.curve_keypair()
     sock.setsockopt(zmq.CURVE_SERVERKEY, key)

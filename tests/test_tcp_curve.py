@@ -7,6 +7,7 @@ what an eavesdropper on the network would see.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import stat
@@ -19,7 +20,7 @@ import zmq
 from daemon_fixtures import Daemon, frame, memosctl
 from memos.daemon.transport import server_keys
 
-from memos.client import Client
+from memos.client import AsyncClient, Client
 from memos.config import DaemonSettings
 from memos.errors import ConfigError, InvalidRequest, Timeout, Unauthenticated
 
@@ -242,3 +243,18 @@ def test_curve_clients_lets_in_only_the_keys_it_lists(unstarted):
     assert whoami(allowed_public, allowed_secret)["result"]["agent"] == "listed"
     assert whoami(*zmq.curve_keypair()) is None  # refused at the handshake: no answer at all
     unstarted.stop()
+
+
+def test_the_async_client_and_its_events_go_over_tcp_too(tcp_daemon):
+    async def run() -> tuple[str, str, list[str]]:
+        async with AsyncClient(tcp_daemon.endpoint, server_key=tcp_daemon.server_key, token=tcp_daemon.token,
+                               timeout=15, retries=0) as c:
+            await c.cube_create("tcp-async")
+            events = await c.subscribe("tcp-async")  # acknowledged over tcp before this returns
+            added = await c.add("tcp-async", "an owl counts the tides")
+            event = await asyncio.wait_for(events.__anext__(), 15)
+            await events.aclose()
+            return (await c.get("tcp-async", added.id)).text, added.id, list(event.memories)
+
+    text, added, ids = asyncio.run(run())
+    assert text == "an owl counts the tides" and ids == [added]
