@@ -258,3 +258,20 @@ def test_the_async_client_and_its_events_go_over_tcp_too(tcp_daemon):
 
     text, added, ids = asyncio.run(run())
     assert text == "an owl counts the tides" and ids == [added]
+
+
+def test_the_administrator_over_tcp_presents_the_token_of_require_token(unstarted):
+    unstarted.env.update({"MEMOS_DAEMON__REQUIRE_TOKEN": "true",
+                          "MEMOS_DAEMON__ADMIN_TOKEN_FILE": str(unstarted.admin_token_file)})
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    unstarted.proc = unstarted.spawn("--listen", endpoint)
+    deadline = time.monotonic() + 30
+    while not (unstarted.admin_token_file.exists() and unstarted.socket.exists()):
+        assert time.monotonic() < deadline and unstarted.alive(), unstarted.log()
+        time.sleep(0.05)
+    unstarted.server_key = (unstarted.data_dir / "curve.key.pub").read_text().strip()
+    admin_token = unstarted.admin_token_file.read_text().strip()
+    assert tcp_client(unstarted, endpoint, token=admin_token).whoami()["admin"] is True
+    with pytest.raises(Unauthenticated):
+        tcp_client(unstarted, endpoint).whoami()
+    unstarted.stop()
