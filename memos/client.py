@@ -183,30 +183,47 @@ class AsyncClient:
         operation is never resent: a second run would stream its pieces too.
         """
         rid, frame = self._frame(op, args)
-        for _ in range(self._tries(op)):
+        tries = self._tries(op)
+        while tries > 0:
             future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
             self._pending[rid] = future
             self._partials[rid] = [on_partial or _ignore, time.monotonic()]
+            sent_to = _inode(self.socket_path)
             await self._connect().send(frame)  # a new socket if another call gave up meanwhile
             try:
                 while True:
                     try:
                         wait = min(self.timeout, _LOOK_EVERY_MS / 1000)
-                        return self._result(await asyncio.wait_for(asyncio.shield(future), wait))
+                        reply = await asyncio.wait_for(asyncio.shield(future), wait)
                     except asyncio.TimeoutError:
                         listener = self._partials.get(rid)
                         if listener is None or time.monotonic() - listener[1] >= self.timeout:
                             raise
                         await self._still_there(op)  # a daemon that died will not answer: say so now
+                        continue
+                    if _restarting(reply) and self._tries(op) > 1:  # (a stream is never sent twice)
+                        break  # taken by a process that restarts in place: sent again to the new one
+                    return self._result(reply)
             except asyncio.TimeoutError:
+                tries -= 1
                 continue  # resend with the same id: the daemon applies a write once
             finally:
                 self._pending.pop(rid, None)
                 self._partials.pop(rid, None)
+            await self._restarted(sent_to, op)  # then the same frame again, applied once
         # ZeroMQ keeps frames queued while it reconnects: a request given up on must not reach a
         # daemon that comes back later, so its socket goes (the next call opens a new one).
         await self.close()
         raise self._gave_up(self._tries(op))
+
+    async def _restarted(self, sent_to: Any, op: str) -> None:
+        """Wait, at most a timeout, until memosd restarting in place listens again."""
+        deadline = time.monotonic() + self.timeout
+        while (listening := _inode(self.socket_path)) is None or listening == sent_to:
+            if time.monotonic() >= deadline:
+                raise Timeout(f"memosd at {self.socket_path} did not come back from its restart within "
+                              f"{self.timeout}s ({op!r} was not applied)")
+            await asyncio.sleep(_LOOK_WHILE_RESTARTING_MS / 1000)
 
     async def _still_there(self, op: str) -> None:
         """While a call waits: if the daemon is gone, drop the socket (what is queued on it must not

@@ -6,6 +6,7 @@ a client writing throughout loses nothing it was told was written."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -17,6 +18,7 @@ import lmdb
 import pytest
 from daemon_fixtures import Daemon, admin, daemon, make_daemon, memosctl
 
+from memos.client import AsyncClient
 from memos.errors import Denied, InvalidRequest, MemosError
 
 FIXTURES = (admin, daemon, make_daemon)  # pytest finds them in this module by name
@@ -263,3 +265,36 @@ def test_a_rewrite_that_fails_leaves_the_store_as_it_was_and_is_tried_again(tmp_
     with Memos(tmp_path) as m:
         assert m.store_stats(LOCAL_ADMIN)["last_compaction"]["id"] == requested["id"]
         assert not m.store.rewrite_pending() and m.audit_verify(LOCAL_ADMIN).ok
+
+
+def test_an_async_client_writing_throughout_a_compaction_loses_nothing(make_daemon):
+    d = make_daemon().start()
+    d.client().cube_create("async-busy")
+    acknowledged: list[tuple[str, int]] = []
+    failed: list[str] = []
+    compacted = threading.Event()
+
+    async def write() -> None:
+        async with AsyncClient(d.socket, timeout=10, retries=2) as writer:
+            i, after = 0, 0
+            while after < 30:
+                try:
+                    m = await writer.add("async-busy", f"note {i}")
+                    acknowledged.append((m.id, m.version))
+                except MemosError as exc:  # not acknowledged: nothing is promised
+                    failed.append(exc.code)
+                i += 1
+                after += compacted.is_set()
+
+    thread = threading.Thread(target=asyncio.run, args=(write(),))
+    thread.start()
+    while len(acknowledged) < 30:
+        time.sleep(0.01)
+    memosctl(d, "store", "compact", "--json")
+    compacted.set()
+    thread.join(120)
+    assert not failed, failed  # the announced restart: the request was sent again, not refused
+    c = d.client()
+    assert sorted(v for _, v in acknowledged) == list(range(1, len(acknowledged) + 1))
+    assert c.cube_get("async-busy").version == len(acknowledged)
+    d.stop()
