@@ -44,6 +44,22 @@ def _piece(reply: dict[str, Any], rid: str) -> Any:
     return _END
 
 
+def _acknowledged(frame: bytes | None, client: Any, rid: str, deadline: float) -> bool:
+    """One step of waiting for a watch's acknowledgement: ``frame`` received, or None after a quiet
+    look. True once acknowledged; the daemon's refusal, its stop, its absence or the deadline raise."""
+    if frame is not None:
+        piece = _piece(p.decode(frame, _MAX_EVENT_BYTES), rid)
+        if piece is _END:
+            raise Unavailable("memosd is stopping")
+        if piece is not None:
+            return True
+    else:
+        check_daemon(client.socket_path)
+    if time.monotonic() >= deadline:
+        raise Timeout(f"memosd at {client.socket_path} did not acknowledge watch in {client.timeout}s")
+    return False
+
+
 def follow(client: Client, cube: str | None, timeout: float | None) -> Iterator[Event]:
     """Subscribe now (acknowledged or raised before this returns); the events as they come."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -54,17 +70,8 @@ def follow(client: Client, cube: str | None, timeout: float | None) -> Iterator[
         rid, frame = client._frame("watch", {"cube": cube})
         sock.send(frame)
         deadline = time.monotonic() + client.timeout
-        while True:  # the acknowledgement, or the refusal
-            if sock.poll(_LOOK_EVERY_MS):
-                piece = _piece(p.decode(sock.recv(), _MAX_EVENT_BYTES), rid)
-                if piece is _END:
-                    raise Unavailable("memosd is stopping")
-                if piece is not None:
-                    break
-            else:
-                check_daemon(client.socket_path)
-            if time.monotonic() >= deadline:
-                raise Timeout(f"memosd at {client.socket_path} did not acknowledge watch in {client.timeout}s")
+        while not _acknowledged(sock.recv() if sock.poll(_LOOK_EVERY_MS) else None, client, rid, deadline):
+            pass
     except BaseException:
         sock.close(linger=0)
         raise
@@ -100,17 +107,9 @@ async def subscribe(client: AsyncClient, cube: str | None) -> AsyncIterator[Even
     try:
         await sock.send(frame)
         deadline = time.monotonic() + client.timeout
-        while True:  # the acknowledgement, or the refusal
-            if await sock.poll(_LOOK_EVERY_MS):
-                piece = _piece(p.decode(await sock.recv(), _MAX_EVENT_BYTES), rid)
-                if piece is _END:
-                    raise Unavailable("memosd is stopping")
-                if piece is not None:
-                    break
-            else:
-                check_daemon(client.socket_path)
-            if time.monotonic() >= deadline:
-                raise Timeout(f"memosd at {client.socket_path} did not acknowledge watch in {client.timeout}s")
+        while not _acknowledged(await sock.recv() if await sock.poll(_LOOK_EVERY_MS) else None,
+                                client, rid, deadline):
+            pass
     except BaseException:
         sock.close(linger=0)
         raise
