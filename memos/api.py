@@ -28,6 +28,7 @@ from typing import Any
 from .access import LOCAL_ADMIN, Actor
 from .agents import Agents
 from .auditing import AuditAdmin
+from .backends import open_store
 from .backup import Backups
 from .checkpoints import CheckpointLog
 from .core import Core
@@ -63,15 +64,16 @@ class Memos:
         self, path: str | os.PathLike[str], *, options: StoreOptions | None = None,
         limits: Limits | None = None, types: Mapping[str, MemoryType] | None = None,
         governance: Governance | None = None, checkpoints: CheckpointLog | None = None,
-        retention: RetentionRules | None = None,
+        retention: RetentionRules | None = None, storage: str = "lmdb",
     ) -> None:
         """``types``: memory-type instances by name; default: one of each registered type.
         ``governance``: the rules of rollback; default: every cube admin rolls back directly.
         ``checkpoints``: the key and file that signed audit checkpoints go to; default: none
         (``audit_sign`` and ``audit_archive`` are refused).
-        ``retention``: the default rules of compaction (``[retention]``); a cube may have its own."""
+        ``retention``: the default rules of compaction (``[retention]``); a cube may have its own.
+        ``storage``: ``"lmdb"``, the store in ``path``, or a ``postgresql://`` URL (memos.backends)."""
         self.types = dict(types) if types is not None else {n: cls() for n, cls in load_types().items()}
-        store = Store(path, options, extra_databases=type_databases(self.types))
+        store = open_store(storage, path, options, extra_databases=type_databases(self.types))
         self.core = Core(store, limits or Limits(), self.types, governance)
         self.cubes = Cubes(self.core)
         self.memories = Memories(self.core)

@@ -20,6 +20,7 @@ import pytest
 
 from memos import codec
 from memos.api import LOCAL_ADMIN, Actor, Memos
+from pgserver import PgServer
 
 # Agents with ids fixed for readable tests; the memos fixture registers them.
 ALICE = Actor("alice", id="agent:alice")
@@ -45,9 +46,37 @@ def store_dir(tmp_path):
     return tmp_path / "store"
 
 
+@pytest.fixture(scope="session")
+def pg_server():
+    """A PostgreSQL server for the session; where its binaries are missing, the tests that need it are
+    skipped, unless MEMOS_REQUIRE_POSTGRESQL is set (CI sets it: there they must run)."""
+    try:
+        server = PgServer()
+    except FileNotFoundError as exc:
+        if os.environ.get("MEMOS_REQUIRE_POSTGRESQL"):
+            raise
+        pytest.skip(str(exc))
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-def memos(store_dir):
-    m = Memos(store_dir)
+def pg_url(pg_server):
+    """A fresh PostgreSQL database, dropped after the test."""
+    name = pg_server.new_database()
+    yield pg_server.url(name)
+    pg_server.drop_database(name)
+
+
+@pytest.fixture(params=["lmdb", "postgresql"])
+def storage(request):
+    """Each backend in turn: the store's tests run against both."""
+    return "lmdb" if request.param == "lmdb" else request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def memos(store_dir, storage):
+    m = Memos(store_dir, storage=storage)
     register(m, ALICE, BOB, CAROL)
     yield m
     m.close()

@@ -19,8 +19,8 @@ def logged(memos, cube):
 
 
 def raw_records(m):
-    with m.store.env.begin(db=m.store.db["audit"]) as txn:
-        return [(codec.from_u64(k), bytes(v)) for k, v in txn.cursor()]
+    with m.store.read() as txn:
+        return [(codec.from_u64(k), bytes(v)) for k, v in txn.cursor(db=m.store.db["audit"])]
 
 
 def test_valid_log_verifies(logged):
@@ -41,8 +41,7 @@ def test_flipped_byte_is_detected(logged, offset):
     assert seq == 6
     damaged = bytearray(value)
     damaged[offset] ^= 0x01
-    with logged.store.env.begin(write=True) as txn:
-        txn.put(codec.u64(seq), bytes(damaged), db=logged.store.db["audit"])
+    logged.store.write(lambda txn: txn.put(codec.u64(seq), bytes(damaged), db=logged.store.db["audit"]))
     report = logged.audit_verify(LOCAL_ADMIN)
     assert not report.ok
     assert report.first_bad == 6
@@ -56,15 +55,14 @@ def test_rewritten_record_with_fixed_hash_breaks_the_next_link(logged):
     record = AuditRecord.model_validate(codec.unpack(value))
     record.actor = "mallory"
     record.hash = codec.sha256_hex(record.body_bytes())  # a consistent forgery of one record
-    with logged.store.env.begin(write=True) as txn:
-        txn.put(codec.u64(seq), codec.pack(record.model_dump(mode="json")), db=logged.store.db["audit"])
+    logged.store.write(lambda txn: txn.put(codec.u64(seq), codec.pack(record.model_dump(mode="json")),
+                                           db=logged.store.db["audit"]))
     report = logged.audit_verify(LOCAL_ADMIN)
     assert (report.ok, report.first_bad) == (False, 6)
 
 
 def test_deleted_middle_record_is_detected(logged):
-    with logged.store.env.begin(write=True) as txn:
-        assert txn.delete(codec.u64(7), db=logged.store.db["audit"])
+    assert logged.store.write(lambda txn: txn.delete(codec.u64(7), db=logged.store.db["audit"]))
     report = logged.audit_verify(LOCAL_ADMIN)
     assert (report.ok, report.first_bad, report.records) == (False, 7, 6)
     assert "missing" in report.reason
@@ -72,12 +70,15 @@ def test_deleted_middle_record_is_detected(logged):
 
 def _truncate(m, k, rewrite_head):
     records = raw_records(m)
-    with m.store.env.begin(write=True) as txn:
+
+    def cut(txn):
         for seq, _ in records[-k:]:
             txn.delete(codec.u64(seq), db=m.store.db["audit"])
         if rewrite_head:
             last = codec.unpack(records[-k - 1][1])
             txn.put(b"audit_head", codec.pack({"seq": last["seq"], "head": last["hash"]}), db=m.store.db["meta"])
+
+    m.store.write(cut)
 
 
 def test_truncated_tail_is_detected(logged):

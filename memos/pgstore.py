@@ -1,0 +1,256 @@
+"""The PostgreSQL backend: the store's model in PostgreSQL, shared by several daemons.
+
+The same sub-databases as the LMDB store (memos.storage.DATABASES and the memory
+types'), each a table of the schema ``memos`` (memos.pgkv), read and written
+through the same transaction interface, so everything above the store runs
+unchanged. What PostgreSQL adds and LMDB's single writer gave for free:
+
+* **One order of commits across daemons.** Every write transaction first takes
+  the row lock of the ``meta`` row ``writer`` (``SELECT ... FOR UPDATE``) and
+  holds it to its commit. The audit log is one hash chain over every change, so
+  its commits must be totally ordered anyway; the lock makes each daemon's group
+  commit read the heads and versions the previous commit left (READ COMMITTED
+  statements after the lock see it), so versions stay contiguous per cube.
+* **Notice of others' commits.** A commit that appended audit records sends
+  ``NOTIFY memos_commits`` with the node that made it and the records' first and
+  last sequence numbers, delivered by PostgreSQL when (and only if) it commits, in
+  commit order; :meth:`PgStore.follow` hands them to the daemon (daemon/follower.py).
+* **Snapshots.** A read is one REPEATABLE READ READ ONLY transaction, the
+  consistent snapshot an LMDB read transaction is.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from . import codec
+from .errors import MemosError, StorageError
+from .pgkv import Table, Transaction, quote
+from .storage import DATABASES, SCHEMA_VERSION, StoreOptions
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SCHEMA = "memos"
+CHANNEL = "memos_commits"
+_AUDIT_HEAD = b"audit_head"  # memos.audit's meta key: the seq of the last record
+_WRITER = b"writer"  # the meta row whose lock orders every write transaction
+_RETRIES = 5
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for logs and replies."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
+class _Read:
+    """A read-only snapshot on a pooled connection (``with store.read() as txn``)."""
+
+    __slots__ = ("store", "_ctx", "_cur")
+
+    def __init__(self, store: PgStore) -> None:
+        self.store = store
+
+    def __enter__(self) -> Transaction:
+        try:
+            self._ctx = self.store._pool.connection()
+            conn = self._ctx.__enter__()
+            self._cur = conn.cursor(binary=True)
+            self._cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        except psycopg.Error as exc:
+            raise _storage_error(exc) from exc
+        return Transaction(self._cur, write=False)
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        try:
+            self._cur.execute("ROLLBACK")
+        except psycopg.Error:
+            pass  # a broken connection: the pool discards it
+        finally:
+            self._ctx.__exit__(kind, exc, tb)
+        if isinstance(exc, psycopg.Error):
+            raise _storage_error(exc) from exc
+
+
+class PgStore:
+    """The store's sub-databases as tables in one PostgreSQL database."""
+
+    backend = "postgresql"
+
+    def __init__(self, url: str, options: StoreOptions | None = None,
+                 extra_databases: dict[str, str] | None = None, *, pool_size: int = 16) -> None:
+        self.url = url
+        self.path = redacted(url)  # what replies and logs name the store by
+        self.databases = {**DATABASES, **(extra_databases or {})}
+        self.options = options or StoreOptions()
+        self.node = secrets.token_hex(8)  # names this process's commits in notifications
+        self.db = {name: Table(SCHEMA, name) for name in self.databases}
+        try:
+            self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=True, timeout=30,
+                                        kwargs={"autocommit": True}, name="memos")
+            self._pool.wait(timeout=30)
+        except (psycopg.Error, Exception) as exc:
+            raise StorageError(f"cannot reach PostgreSQL at {self.path}: {exc}") from exc
+        try:
+            self._create()
+            self.schema_version = self.write(self._check_schema)
+        except BaseException:
+            self._pool.close()
+            raise
+
+    def _create(self) -> None:
+        """The schema and every table, if missing; safe when several daemons start at once."""
+        with self._pool.connection() as conn:
+            # One creator at a time: concurrent CREATE ... IF NOT EXISTS can still collide.
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext('memos schema'))")
+                conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote(SCHEMA)}")
+                for table in self.db.values():
+                    conn.execute(table.create())
+                meta = self.db["meta"]
+                conn.execute(meta.sql("put_new"), (_WRITER, b""))
+
+    def _check_schema(self, txn: Transaction) -> int:
+        meta = self.db["meta"]
+        raw = txn.get(b"schema_version", db=meta)
+        if raw is None:
+            txn.put(b"schema_version", codec.u64(SCHEMA_VERSION), db=meta)
+            return SCHEMA_VERSION
+        found = codec.from_u64(raw)
+        if found != SCHEMA_VERSION:  # a store is copied in by memosctl migrate, upgraded first
+            raise StorageError(f"store schema {found} in PostgreSQL; this memos reads {SCHEMA_VERSION}",
+                               found=found, supported=SCHEMA_VERSION)
+        return found
+
+    # -- transactions ---------------------------------------------------
+
+    def read(self) -> _Read:
+        return _Read(self)
+
+    def write(self, fn: Callable[[Transaction], T]) -> T:
+        result = self.transact([fn])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def transact(self, fns: Sequence[Callable[[Transaction], Any]],
+                 on_error: Callable[[Transaction, int, MemosError], None] | None = None) -> list[Any]:
+        """Several units of work in one commit, each in a savepoint (see memos.storage.Store.transact)."""
+        for attempt in range(_RETRIES):
+            try:
+                return self._transact_once(fns, on_error)
+            except (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected) as exc:
+                log.warning("write transaction retried: %s", exc)  # the units are replayable
+                if attempt == _RETRIES - 1:
+                    raise _storage_error(exc) from exc
+            except psycopg.Error as exc:
+                raise _storage_error(exc) from exc
+        raise AssertionError("unreachable")
+
+    def _transact_once(self, fns: Sequence[Callable[[Transaction], Any]],
+                       on_error: Callable[[Transaction, int, MemosError], None] | None) -> list[Any]:
+        results: list[Any] = []
+        meta = self.db["meta"]
+        with self._pool.connection() as conn:
+            cur = conn.cursor(binary=True)
+            cur.execute("BEGIN")
+            try:
+                cur.execute(f"SELECT v FROM {meta.ident} WHERE k = %b FOR UPDATE", (_WRITER,))
+                txn = Transaction(cur, write=True)
+                first = _seq(txn.get(_AUDIT_HEAD, db=meta)) + 1
+                single = len(fns) == 1 and on_error is None
+                for i, fn in enumerate(fns):
+                    if single:
+                        results.append(fn(txn))
+                        continue
+                    cur.execute("SAVEPOINT unit")
+                    try:
+                        results.append(fn(txn))
+                        cur.execute("RELEASE SAVEPOINT unit")
+                    except MemosError as exc:
+                        cur.execute("ROLLBACK TO SAVEPOINT unit")
+                        txn.writes += 1  # what a cursor read ahead may have been undone
+                        results.append(exc)
+                        if on_error is not None:
+                            on_error(txn, i, exc)
+                last = _seq(txn.get(_AUDIT_HEAD, db=meta))
+                if last >= first:  # sent at commit, in commit order, and only if it commits
+                    cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{self.node} {first} {last}"))
+            except MemosError as exc:
+                cur.execute("ROLLBACK")
+                if len(fns) == 1 and on_error is None:
+                    return [exc]
+                raise
+            except BaseException:
+                try:
+                    cur.execute("ROLLBACK")
+                except psycopg.Error:
+                    pass
+                raise
+            cur.execute("COMMIT")
+        return results
+
+    # -- other daemons' commits ----------------------------------------
+
+    def follow(self, on_commits: Callable[[str | None, int, int], None], stop: threading.Event,
+               poll_s: float = 1.0) -> None:
+        """Call ``on_commits(node, first, last)`` for each notified commit, in commit order, and
+        ``on_commits(None, 0, 0)`` every ``poll_s`` and after a reconnection (when notices may
+        have been missed): the caller then reads the audit log past what it has seen. Runs until
+        ``stop`` is set; meant for a thread of its own."""
+        while not stop.is_set():
+            try:
+                with psycopg.connect(self.url, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    on_commits(None, 0, 0)
+                    while not stop.is_set():
+                        got = False
+                        for note in conn.notifies(timeout=poll_s, stop_after=64):
+                            node, first, last = note.payload.split()
+                            on_commits(node, int(first), int(last))
+                            got = True
+                        if not got:
+                            on_commits(None, 0, 0)
+            except psycopg.Error as exc:
+                log.warning("listening for other daemons' commits: %s; reconnecting", exc)
+                stop.wait(poll_s)
+
+    # -- housekeeping ---------------------------------------------------
+
+    def sync(self) -> None:
+        """Commits are durable when they return (PostgreSQL's synchronous_commit)."""
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"path": self.path}
+        with self.read() as txn:
+            for name, db in self.db.items():
+                out[name] = txn.stat(db)["entries"]
+        return out
+
+    def table_bytes(self) -> dict[str, int]:
+        """Bytes on disk of each sub-database's table, its indexes and TOAST included."""
+        with self.read() as txn:
+            return {name: txn._rows("SELECT pg_total_relation_size(%s::regclass)", (db.ident,))[0][0]
+                    for name, db in self.db.items()}
+
+    def rewrite_pending(self) -> bool:
+        return False  # PostgreSQL gives space back itself (VACUUM); there is no file to rewrite
+
+
+def _seq(raw: bytes | None) -> int:
+    return 0 if raw is None else codec.unpack(raw)["seq"]
+
+
+def _storage_error(exc: psycopg.Error) -> StorageError:
+    return StorageError(f"PostgreSQL error: {exc}".strip())
