@@ -53,6 +53,7 @@ from memos.models import plain
 from memos.operations import Route, bind
 
 from .audit_export import CheckpointExport
+from .follower import Follower
 from .identity import Identity, group_id, private_dir
 from .scheduler import Scheduler
 from .transport import bind_tcp, server_keys
@@ -177,6 +178,10 @@ class Server:
                              retention_s=self.cfg.request_retention_s, publish=self._publish,
                              on_commit=self.types.after_commit, deliver=self._deliver)
         self.writer.start()
+        self.follower = None  # others' commits, where other daemons share the store
+        if self.memos.store.backend == "postgresql":
+            self.follower = Follower(self.memos, self.types.after_commit, self._publish, self.identity.forget_tokens)
+            self.follower.start()
         self.types.start(commit=self.writer.submit, fail=self._fail_job)
         self.scheduler.start()
         # Everything loaded so far (the interpreter, torch, the models' modules) lives as long as
@@ -209,6 +214,8 @@ class Server:
         self.pool.shutdown(wait=True)
         self.types.stop()  # writes being prepared reach the writer first
         self.writer.stop()
+        if self.follower is not None:
+            self.follower.stop()
         self.types.close()
         self.audit_export.stop()  # after the last write: the final head is signed
         while self._in_flight > 0 and self._pull.poll(2000):

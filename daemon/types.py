@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,7 +39,7 @@ class MemoryTypes:
         self.memos = Memos(data_dir, options=StoreOptions(map_size=settings.store.map_size),
                            limits=settings.limits, types=self.types,
                            governance=Governance.load(settings.daemon.governance),
-                           retention=settings.retention)
+                           retention=settings.retention, storage=settings.storage)
         # One thread for all model work: two models computing at once on a small
         # machine would only slow each other (and the requests) down.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="memosd-model")
@@ -48,6 +49,7 @@ class MemoryTypes:
             for name in self.types
         }
         self.stages: PrepareStages | None = None
+        self._commits = threading.Lock()
 
     def start(self, commit: Callable[[Job], None], fail: Callable[[Job, MemosError], None]) -> None:
         """Start each type, then the prepare stages that feed ``commit`` (the writer)."""
@@ -75,7 +77,12 @@ class MemoryTypes:
         self.stages.submit(op, args, job)
 
     def after_commit(self, cube: str, version: int, memory_ids: Sequence[str]) -> None:
-        """Called by the writer after each commit that changed a cube."""
+        """Called by the writer after each commit that changed a cube, and by the follower after
+        other daemons' commits: one at a time, so that each type sees them in one order."""
+        with self._commits:
+            self._after_commit(cube, version, memory_ids)
+
+    def _after_commit(self, cube: str, version: int, memory_ids: Sequence[str]) -> None:
         for memtype in self.types.values():
             try:
                 memtype.after_commit(cube, version, memory_ids)

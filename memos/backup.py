@@ -50,6 +50,10 @@ class Backups:
         if not isinstance(path, str) or not os.path.isabs(path) or "\0" in path:
             raise self.core.refused(actor, "store_backup", None,
                                     InvalidRequest("path must be an absolute path", field="path"))
+        if self.core.store.backend != "lmdb":
+            raise self.core.refused(actor, "store_backup", None, InvalidRequest(
+                "a PostgreSQL store is backed up by PostgreSQL: pg_dump, or base backups with WAL "
+                "archiving (docs/storage.md)"))
         folder = Path(path)
         if folder.exists() and any(folder.iterdir()):
             raise self.core.refused(actor, "store_backup", None, Conflict(f"{folder} is not empty", path=path))

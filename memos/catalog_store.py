@@ -21,12 +21,13 @@ class CompactArgs(Args):
 
 
 class StoreStats(TypedDict):
-    path: str
-    file_bytes: int  # data.mdb on disk
-    map_size: int
-    page_size: int
-    pages: dict[str, int]  # total (last page + 1), used (meta, branch, leaf and overflow pages), free
-    databases: dict[str, dict[str, int]]  # sub-database -> entries, pages
+    path: str  # the data folder, or the PostgreSQL URL without its password
+    backend: str  # "lmdb" or "postgresql"
+    file_bytes: int  # data.mdb on disk; PostgreSQL: its tables' bytes, indexes and TOAST included
+    map_size: int | None  # LMDB's alone, as are page_size and pages
+    page_size: int | None
+    pages: dict[str, int] | None  # total (last page + 1), used (meta, branch, leaf and overflow pages), free
+    databases: dict[str, dict[str, int]]  # sub-database -> entries, pages (LMDB) or bytes (PostgreSQL)
     cubes: dict[str, dict[str, int]]  # cube -> version, commits, version_records, head_bytes, version_bytes
     types: dict[str, dict[str, int]]  # memory type -> state_bytes, blobs, blob_bytes
     blobs: dict[str, int]  # count, bytes, references (version records referring to one)

@@ -69,8 +69,11 @@ def human(command: str, value: dict[str, Any]) -> str:
                 f"copy {value['copy_s']:.3f}s, memosd offline {value['offline_s']:.3f}s, "
                 f"requests waited at most {value['paused_s']:.3f}s")
     pages = value["pages"]
-    lines = [f"{value['path']}: {value['file_bytes']} bytes on disk, map {value['map_size']}, "
-             f"pages {pages['used']} used + {pages['free']} free of {pages['total']} ({value['page_size']} bytes)",
+    where = f"{value['path']}: {value['file_bytes']} bytes on disk"
+    if pages is not None:
+        where += (f", map {value['map_size']}, pages {pages['used']} used + {pages['free']} free "
+                  f"of {pages['total']} ({value['page_size']} bytes)")
+    lines = [where,
              f"blobs: {value['blobs']['count']}, {value['blobs']['bytes']} bytes, "
              f"{value['blobs']['references']} references"]
     lines += [f"cube {name}: v{c['version']}, {c['commits']} commits, {c['version_records']} version records, "

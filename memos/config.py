@@ -122,6 +122,9 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MEMOS_", env_nested_delimiter="__", extra="ignore")
 
+    storage: str = Field("lmdb", description="Where the store lives: \"lmdb\", one file in data_dir, or a "
+                         "postgresql:// URL, which several daemons may share (docs/storage.md). "
+                         "MEMOS_STORAGE overrides it.")
     daemon: DaemonSettings = Field(default_factory=DaemonSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     limits: Limits = Field(default_factory=Limits)
@@ -129,6 +132,13 @@ class Settings(BaseSettings):
     retention: RetentionRules = Field(default_factory=RetentionRules,
                                       description="Default rules of history retention (cube_compact).")
     # Each memory type with settings adds its own section (see settings_class).
+
+    @field_validator("storage")
+    @classmethod
+    def _known_storage(cls, storage: str) -> str:
+        if not (storage == "lmdb" or storage.startswith(("postgresql://", "postgres://"))):
+            raise ValueError(f"storage is \"lmdb\" or a postgresql:// URL, not {storage!r}")
+        return storage
 
     @classmethod
     def settings_customise_sources(

@@ -92,6 +92,9 @@ class PgStore:
         self.databases = {**DATABASES, **(extra_databases or {})}
         self.options = options or StoreOptions()
         self.node = secrets.token_hex(8)  # names this process's commits in notifications
+        # With a follower (daemon/follower.py): the audit seqs of this process's own commits, put in
+        # before COMMIT (so that no read can see them first) and taken out by the follower.
+        self.own_seqs: set[int] | None = None
         self.db = {name: Table(SCHEMA, name) for name in self.databases}
         try:
             self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=True, timeout=30,
@@ -184,6 +187,8 @@ class PgStore:
                 last = _seq(txn.get(_AUDIT_HEAD, db=meta))
                 if last >= first:  # sent at commit, in commit order, and only if it commits
                     cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{self.node} {first} {last}"))
+                    if self.own_seqs is not None:
+                        self.own_seqs.update(range(first, last + 1))
             except MemosError as exc:
                 cur.execute("ROLLBACK")
                 if len(fns) == 1 and on_error is None:
@@ -195,7 +200,12 @@ class PgStore:
                 except psycopg.Error:
                     pass
                 raise
-            cur.execute("COMMIT")
+            try:
+                cur.execute("COMMIT")
+            except BaseException:
+                if last >= first and self.own_seqs is not None:  # not ours: another commit takes them
+                    self.own_seqs.difference_update(range(first, last + 1))
+                raise
         return results
 
     # -- other daemons' commits ----------------------------------------

@@ -218,6 +218,8 @@ class _Snapshot:
 class Store:
     """An LMDB environment with the sub-databases memos declares."""
 
+    backend = "lmdb"
+
     def __init__(self, path: str | os.PathLike[str], options: StoreOptions | None = None,
                  extra_databases: dict[str, str] | None = None) -> None:
         """``extra_databases``: the sub-databases of memory types, "<type>/<name>" -> what they hold."""

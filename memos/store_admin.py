@@ -35,6 +35,23 @@ def _pages(stat: dict[str, int]) -> int:
     return stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
 
 
+def _lmdb_space(store: Any, databases: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """The file, the map and its pages: used by the databases, or free for LMDB to reuse."""
+    info, psize = store.env.info(), store.env.stat()["psize"]
+    used = _META_PAGES + _pages(store.env.stat()) + sum(_pages(s) for s in databases.values())
+    total = info["last_pgno"] + 1
+    return {"file_bytes": os.stat(os.path.join(store.path, "data.mdb")).st_size, "map_size": info["map_size"],
+            "page_size": psize, "pages": {"total": total, "used": used, "free": max(0, total - used)},
+            "databases": {name: {"entries": s["entries"], "pages": _pages(s)} for name, s in databases.items()}}
+
+
+def _pg_space(store: Any, databases: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """Each table's bytes on disk (indexes and TOAST included); PostgreSQL has no map nor pages to show."""
+    sizes = store.table_bytes()
+    return {"file_bytes": sum(sizes.values()), "map_size": None, "page_size": None, "pages": None,
+            "databases": {name: {"entries": s["entries"], "bytes": sizes[name]} for name, s in databases.items()}}
+
+
 def _cube_of(key: bytes) -> str:
     return key.split(b"\0", 1)[0].decode(errors="replace")
 
@@ -58,9 +75,8 @@ class StoreAdmin:
         store = self.core.store
         db = store.db
         with store.read() as txn:
-            info, psize = store.env.info(), store.env.stat()["psize"]
             databases = {name: txn.stat(handle) for name, handle in db.items()}
-            used = _META_PAGES + _pages(store.env.stat()) + sum(_pages(s) for s in databases.values())
+            space = _lmdb_space(store, databases) if store.backend == "lmdb" else _pg_space(store, databases)
             cubes: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(
                 ("version", "commits", "version_records", "head_bytes", "version_bytes"), 0))
             for key, value in txn.cursor(db=db["cubes"]):
@@ -92,14 +108,10 @@ class StoreAdmin:
                         types[kind]["blob_bytes"] += int(blob["size"])
             references = sum(codec.from_u64(v) for v in txn.cursor(db=db["blob_refs"]).iternext(keys=False))
             last = txn.get(LAST_REWRITE, db=db["meta"])
-        total = info["last_pgno"] + 1
         return {
             "path": store.path,
-            "file_bytes": os.stat(os.path.join(store.path, "data.mdb")).st_size,
-            "map_size": info["map_size"],
-            "page_size": psize,
-            "pages": {"total": total, "used": used, "free": max(0, total - used)},
-            "databases": {name: {"entries": s["entries"], "pages": _pages(s)} for name, s in databases.items()},
+            "backend": store.backend,
+            **space,
             "cubes": dict(cubes),
             "types": dict(types),
             "blobs": {"count": databases["blobs"]["entries"], "bytes": sum(blob_size.values()),
@@ -114,6 +126,10 @@ class StoreAdmin:
         memosd reopens it at once by restarting in place (``daemon/main.py``)."""
         self.core.admin_only(actor, "store_compact")
         store = self.core.store
+        if store.backend != "lmdb":
+            raise self.core.refused(actor, "store_compact", None, InvalidRequest(
+                "a PostgreSQL store gives space back through VACUUM (autovacuum, or VACUUM FULL by its "
+                "administrator); there is no file to rewrite"))
         if not isinstance(data_dir, str) or os.path.realpath(data_dir) != os.path.realpath(store.path):
             raise self.core.refused(actor, "store_compact", None, InvalidRequest(
                 f"this daemon serves the store in {store.path}, not {data_dir!r}", field="data_dir"))
