@@ -20,7 +20,7 @@ import pytest
 
 from memos import codec
 from memos.api import LOCAL_ADMIN, Actor, Memos
-from pgserver import PgServer
+import pgserver
 
 # Agents with ids fixed for readable tests; the memos fixture registers them.
 ALICE = Actor("alice", id="agent:alice")
@@ -51,13 +51,11 @@ def pg_server():
     """A PostgreSQL server for the session; where its binaries are missing, the tests that need it are
     skipped, unless MEMOS_REQUIRE_POSTGRESQL is set (CI sets it: there they must run)."""
     try:
-        server = PgServer()
+        return pgserver.shared()
     except FileNotFoundError as exc:
         if os.environ.get("MEMOS_REQUIRE_POSTGRESQL"):
             raise
         pytest.skip(str(exc))
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -107,3 +105,11 @@ def audit_seq(m: Memos) -> int:
 
 def last_audit(m: Memos):
     return m.audit_tail(LOCAL_ADMIN, 1)[0]
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("MEMOS_TEST_STORAGE", "lmdb") == "postgresql":
+        skip = pytest.mark.skip(reason="reads LMDB's own files or counters (MEMOS_TEST_STORAGE=postgresql)")
+        for item in items:
+            if "lmdb_only" in item.keywords:
+                item.add_marker(skip)

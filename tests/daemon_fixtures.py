@@ -33,6 +33,7 @@ import msgpack
 import pytest
 import zmq
 
+import pgserver
 from memos import protocol as p
 from memos.client import Client
 from memos.errors import MemosError
@@ -66,6 +67,9 @@ class Daemon:
         self.checkpoint_file = self.root / "config" / "audit-checkpoints.jsonl"
         self.admin_token_file = self.root / "config" / "admin.token"  # for tests that turn require_token on
         self.env = dict(env or {})
+        self.pg_database = None if "MEMOS_STORAGE" in self.env else pgserver.daemon_database()
+        if self.pg_database is not None:
+            self.env["MEMOS_STORAGE"] = pgserver.shared().url(self.pg_database)
         self.proc: subprocess.Popen[bytes] | None = None
         self.logs: list[Path] = []
         self._clients: list[Client] = []
@@ -162,6 +166,35 @@ class Daemon:
             self.proc.kill()
             self.proc.wait()
         shutil.rmtree(self.root, ignore_errors=True)
+        if self.pg_database is not None:
+            pgserver.shared().drop_database(self.pg_database)
+
+    # -- the store it serves ---------------------------------------------------
+
+    @property
+    def storage(self) -> str:
+        return self.env.get("MEMOS_STORAGE", "lmdb")
+
+    def store(self) -> Any:
+        """The store this daemon serves, opened in the test (LMDB beside a running memosd is fine)."""
+        from memos.backends import open_store
+
+        return open_store(self.storage, self.data_dir)
+
+    def stored_bytes(self) -> bytes:
+        """Everything the store holds: LMDB's file, free pages and all; PostgreSQL's rows."""
+        if self.storage == "lmdb":
+            return (self.data_dir / "data.mdb").read_bytes()
+        import psycopg
+
+        out = bytearray()
+        with psycopg.connect(self.storage) as conn:
+            tables = conn.execute("SELECT table_name FROM information_schema.tables "
+                                  "WHERE table_schema = 'memos'").fetchall()
+            for (table,) in tables:
+                for k, v in conn.execute(f'SELECT k, v FROM memos."{table}"'):
+                    out += k + v
+        return bytes(out)
 
     # -- logs ---------------------------------------------------------------
 

@@ -7,6 +7,7 @@ socket in its own folder only. Each test gets a database of its own, dropped aft
 
 from __future__ import annotations
 
+import atexit
 import glob
 import itertools
 import os
@@ -74,3 +75,22 @@ class PgServer:
             self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+_shared: PgServer | None = None
+
+
+def shared() -> PgServer:
+    """The one server of this test process, started when first asked for, stopped at exit."""
+    global _shared
+    if _shared is None:
+        _shared = PgServer()
+        atexit.register(_shared.stop)
+    return _shared
+
+
+def daemon_database() -> str | None:
+    """With MEMOS_TEST_STORAGE=postgresql the daemon tests run on PostgreSQL: a new database per daemon."""
+    if os.environ.get("MEMOS_TEST_STORAGE", "lmdb") != "postgresql":
+        return None
+    return shared().new_database()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
+import pytest
 from daemon_fixtures import admin, daemon, run_agents  # noqa: F401  (fixtures)
 
 AGENTS = 4
@@ -119,6 +120,7 @@ def lmdb_transactions(daemon) -> int:
         env.close()
 
 
+@pytest.mark.lmdb_only
 def test_pipelined_writes_are_group_committed_and_fail_alone(daemon, admin):
     """64 writes sent at once take fewer commits; the bad ones among them fail alone."""
     from daemon_fixtures import frame

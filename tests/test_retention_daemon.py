@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 
-import lmdb
 import pytest
 from daemon_fixtures import Daemon, memosctl
 from test_scheduler import SimClock
@@ -34,14 +33,13 @@ def running(tmp_path_factory):
 
 
 def blob_bytes(d: Daemon) -> int:
-    """The bytes held in the blob sub-database, read beside the running daemon (LMDB allows it)."""
-    env = lmdb.open(str(d.data_dir), readonly=True, max_dbs=64, lock=True)
+    """The bytes held in the blob sub-database, read beside the running daemon."""
+    store = d.store()
     try:
-        db = env.open_db(b"blobs", create=False)
-        with env.begin() as txn:
-            return sum(len(v) for _, v in txn.cursor(db=db))
+        with store.read() as txn:
+            return sum(len(v) for _, v in txn.cursor(db=store.db["blobs"]))
     finally:
-        env.close()
+        store.close()
 
 
 def test_a_rebuilt_cache_stops_growing_the_store_when_each_round_compacts(running):

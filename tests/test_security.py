@@ -24,7 +24,7 @@ def secret_of(token: str) -> bytes:
 
 
 def store_bytes(d: Daemon) -> bytes:
-    return (d.data_dir / "data.mdb").read_bytes()
+    return d.stored_bytes()
 
 
 # -- tokens ----------------------------------------------------------------------
@@ -102,7 +102,7 @@ def test_the_stored_owner_and_grants_are_ids_not_names(daemon, admin):
     daemon.stop()
     from memos.api import Memos
 
-    with Memos(daemon.data_dir) as m, m.store.read() as txn:
+    with Memos(daemon.data_dir, storage=daemon.storage) as m, m.store.read() as txn:
         stored = m.ledger.cube(txn, "by-id-cube")
     assert stored.owner == me["id"] and set(stored.acl) == {me["id"]}
     daemon.start()

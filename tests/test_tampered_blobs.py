@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 
-import lmdb
 import pytest
 from daemon_fixtures import Daemon
 from test_activation import FACTS, _activate, _env, tiny_models  # noqa: F401 (the fixture)
@@ -76,15 +75,18 @@ def damaged(tiny_models):  # noqa: F811
         assert len(set(sha.values())) == len(sha)  # every blob distinct: each damage has its own key
         d.stop()
 
-        env = lmdb.open(str(d.data_dir), max_dbs=64)
-        blobs = env.open_db(b"blobs")
-        with env.begin(write=True, db=blobs) as txn:
+        store = d.store()
+        blobs = store.db["blobs"]
+
+        def damage(txn):
             for ids in (kv, lora):
-                other = bytes(txn.get(sha[ids["sound"]].encode()))
+                other = bytes(txn.get(sha[ids["sound"]].encode(), db=blobs))
                 for kind in KINDS:
                     key = sha[ids[kind]].encode()
-                    txn.put(key, tamper(bytes(txn.get(key)), kind, other))  # the key stays
-        env.close()
+                    txn.put(key, tamper(bytes(txn.get(key, db=blobs)), kind, other), db=blobs)  # the key stays
+
+        store.write(damage)
+        store.close()
         d.start()
         yield {"d": d, "kv": kv, "lora": lora, "sha": sha}
         assert d.alive()
