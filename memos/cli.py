@@ -236,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     restore = command("restore", "put a backup into a new data folder and verify it (no memosd needed)")
     restore.add_argument("backup")
     restore.add_argument("--data-dir", dest="data_dir", help="default: the configured data folder")
+    migrate = command("migrate", "copy the LMDB store and its whole history into PostgreSQL (memosd stopped)")
+    migrate.add_argument("--to", required=True, metavar="URL", help="postgresql://...: a database with no store yet")
+    migrate.add_argument("--data-dir", dest="data_dir", help="default: the configured data folder")
     export = command("export", "write a cube with its whole history to a new file")
     export.add_argument("cube")
     export.add_argument("path")
@@ -459,6 +462,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .config import load
 
             name, result = "restore", restore(args.backup, args.data_dir or load().daemon.data_dir.expanduser())
+        elif args.command == "migrate":  # offline too: memosd must not serve the store meanwhile
+            from .config import load
+            from .migrate import migrate
+
+            name, result = "migrate", migrate(args.data_dir or load().daemon.data_dir.expanduser(), args.to)
         else:
             with Client(getattr(args, "socket", None), **options) as client:
                 name, result = _run(client, args)

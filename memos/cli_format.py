@@ -121,6 +121,10 @@ def human(command: str, value: Any) -> str:
                 f"the store's chain now begins at record {value['boundary']['seq']}")
     if command.startswith("store "):
         return cli_store.human(command, value)
+    if command == "migrate":
+        return (f"copied {value['rows']} rows from {value['from']} to {value['to']} in {value['seconds']:.1f}s: "
+                f"every sub-database identical on both sides, audit chain verified "
+                f"({value['audit']['records']} records)")
     if command == "audit tail":
         return "\n".join(
             f"{r['seq']:>7} {r['outcome']:<6} {r['actor']:<16} {r['op']:<12} {r.get('cube') or '-':<16} "

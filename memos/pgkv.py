@@ -13,7 +13,7 @@ transaction's own writes exactly as an LMDB cursor does.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import psycopg
@@ -95,6 +95,19 @@ class Transaction:
 
     def cursor(self, db: Table | None = None) -> Cursor:
         return Cursor(self, _table(db))
+
+    def load(self, db: Table, rows: Iterable[tuple[bytes, bytes]]) -> int:
+        """Append rows whose keys the table does not hold yet, by COPY (memosctl migrate); how many."""
+        if not self.write:
+            raise StorageError("a write in a read-only transaction")
+        self.writes += 1
+        n = 0
+        with self._cur.copy(f"COPY {db.ident} (k, v) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(["bytea", "bytea"])
+            for key, value in rows:
+                copy.write_row((bytes(key), bytes(value)))
+                n += 1
+        return n
 
     def stat(self, db: Table) -> dict[str, int]:
         return {"entries": self._rows(db.sql("count"), ())[0][0]}
