@@ -25,8 +25,21 @@ setup: $(BIN)/.installed
 run: setup
 	$(BIN)/memosd
 
+# The daemon's tests once more with the store in PostgreSQL: a database per daemon, on a server
+# the tests start from the machine's postgresql binaries (tests/pgserver.py). The files that read
+# LMDB's own file (backup, compaction, disk and power faults, upgrades) are LMDB's alone.
+PG_DAEMON_TESTS := tests/test_async_client.py tests/test_audit_signing.py tests/test_bounds.py \
+	tests/test_cli.py tests/test_client_retries.py tests/test_crash_harness.py tests/test_daemon_acl.py \
+	tests/test_daemon_concurrency.py tests/test_daemon_down.py tests/test_daemon_lifecycle.py \
+	tests/test_daemon_ops.py tests/test_daemon_protocol.py tests/test_daemon_stateful.py \
+	tests/test_daemon_writer.py tests/test_examples.py tests/test_fuzz_daemon.py tests/test_langgraph.py \
+	tests/test_mcp.py tests/test_memtype_contract.py tests/test_read_your_writes.py \
+	tests/test_retention_daemon.py tests/test_scheduler.py tests/test_search_daemon.py \
+	tests/test_security.py tests/test_tampered_blobs.py tests/test_tcp_curve.py tests/test_tui.py
+
 test: setup
 	$(BIN)/pytest -q
+	MEMOS_TEST_STORAGE=postgresql $(BIN)/pytest -q $(PG_DAEMON_TESTS)
 
 bench: setup
 	$(BIN)/python bench/store.py

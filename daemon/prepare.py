@@ -71,6 +71,10 @@ class Stage(threading.Thread):
         start = [len(item.pending.rows) for item in batch]
         try:
             self.memtype.prepare([item.pending for item in batch])
+        except MemosError as exc:  # the store unreachable, say: each write gets that error, typed
+            log.warning("prepare failed: %s", exc, extra={"type": self.memtype.name})
+            for item in batch:
+                item.pending.fail(exc)
         except Exception as exc:  # a bug: fail the batch, keep the stage alive
             log.exception("prepare failed", extra={"type": self.memtype.name})
             for item in batch:

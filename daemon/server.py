@@ -179,7 +179,10 @@ class Server:
                              on_commit=self.types.after_commit, deliver=self._deliver)
         self.writer.start()
         self.follower = None  # others' commits, where other daemons share the store
-        if self.memos.store.backend == "postgresql":
+        # A point read of LMDB takes microseconds: the main thread answers it. One of PostgreSQL waits
+        # on round trips, so every read goes to the workers.
+        self._inline_reads = self.memos.store.backend == "lmdb"
+        if not self._inline_reads:
             self.follower = Follower(self.memos, self.types.after_commit, self._publish, self.identity.forget_tokens)
             self.follower.start()
         self.types.start(commit=self.writer.submit, fail=self._fail_job)
@@ -356,7 +359,7 @@ class Server:
                 if envelope.op == "store_compact":
                     reply = self._restarting_after(reply)
                 self._commit(Job(actor, envelope.id, write, reply), envelope.op, args)
-            elif inline and where != "inline":
+            elif inline and (where != "inline" or not self._inline_reads):
                 hand_off()
                 self.pool.submit(self._read, envelope, route, actor, args, queued)
             else:

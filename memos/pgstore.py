@@ -60,14 +60,21 @@ class _Read:
         self.store = store
 
     def __enter__(self) -> Transaction:
-        try:
+        for attempt in (1, 2):
             self._ctx = self.store._pool.connection()
-            conn = self._ctx.__enter__()
-            self._cur = conn.cursor(binary=True)
-            self._cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        except psycopg.Error as exc:
-            raise _storage_error(exc) from exc
-        return Transaction(self._cur, write=False)
+            try:
+                conn = self._ctx.__enter__()
+            except psycopg.Error as exc:  # none to be had (PoolTimeout): the server is away
+                raise _storage_error(exc) from exc
+            try:
+                self._cur = conn.cursor(binary=True)
+                self._cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                return Transaction(self._cur, write=False)
+            except psycopg.Error as exc:
+                self._ctx.__exit__(type(exc), exc, None)
+                if attempt == 2 or not self.store._reconnect(exc):
+                    raise _storage_error(exc) from exc
+        raise AssertionError("unreachable")
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
         try:
@@ -97,9 +104,9 @@ class PgStore:
         self.own_seqs: set[int] | None = None
         self.db = {name: Table(SCHEMA, name) for name in self.databases}
         try:
-            self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=True, timeout=30,
+            self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=True, timeout=5,
                                         kwargs={"autocommit": True}, name="memos")
-            self._pool.wait(timeout=30)
+            self._pool.wait(timeout=10)
         except (psycopg.Error, Exception) as exc:
             raise StorageError(f"cannot reach PostgreSQL at {self.path}: {exc}") from exc
         try:
@@ -158,13 +165,36 @@ class PgStore:
                 raise _storage_error(exc) from exc
         raise AssertionError("unreachable")
 
+    def _reconnect(self, exc: psycopg.Error) -> bool:
+        """After a connection failed before its transaction began (the server restarted, failed
+        over): drop every broken pooled connection, so that one new attempt can succeed."""
+        if not isinstance(exc, psycopg.OperationalError):
+            return False
+        log.warning("PostgreSQL connection lost (%s); reconnecting", exc)
+        self._pool.check()
+        return True
+
     def _transact_once(self, fns: Sequence[Callable[[Transaction], Any]],
                        on_error: Callable[[Transaction, int, MemosError], None] | None) -> list[Any]:
+        try:
+            return self._transact_on(fns, on_error)
+        except _NotBegun as exc:
+            self._reconnect(exc.lost)
+        try:
+            return self._transact_on(fns, on_error)  # nothing of the first attempt reached the server
+        except _NotBegun as exc:
+            raise exc.lost from exc
+
+    def _transact_on(self, fns: Sequence[Callable[[Transaction], Any]],
+                     on_error: Callable[[Transaction, int, MemosError], None] | None) -> list[Any]:
         results: list[Any] = []
         meta = self.db["meta"]
         with self._pool.connection() as conn:
             cur = conn.cursor(binary=True)
-            cur.execute("BEGIN")
+            try:
+                cur.execute("BEGIN")
+            except psycopg.OperationalError as exc:
+                raise _NotBegun(exc) from exc
             try:
                 cur.execute(f"SELECT v FROM {meta.ident} WHERE k = %b FOR UPDATE", (_WRITER,))
                 txn = Transaction(cur, write=True)
@@ -256,6 +286,14 @@ class PgStore:
 
     def rewrite_pending(self) -> bool:
         return False  # PostgreSQL gives space back itself (VACUUM); there is no file to rewrite
+
+
+class _NotBegun(Exception):
+    """A pooled connection failed at BEGIN: nothing of the transaction reached the server."""
+
+    def __init__(self, lost: psycopg.OperationalError) -> None:
+        super().__init__(str(lost))
+        self.lost = lost
 
 
 def _seq(raw: bytes | None) -> int:

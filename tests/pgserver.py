@@ -42,16 +42,23 @@ class PgServer:
         if os.getuid() == 0:
             os.chown(self.data, NOBODY, NOBODY)
         self._run("initdb", "-D", str(self.data), "-U", "memos", "--auth=trust", "-E", "UTF8", "--no-locale")
+        self.start()
+        self.admin_url = self.url("postgres")
+
+    def start(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.data / "server.log"), "-w", "start",
                   "-o", f"-k {self.data} -c listen_addresses='' -c max_connections=300 "
                         "-c shared_buffers=64MB")
-        self.admin_url = self.url("postgres")
 
-    def _run(self, tool: str, *args: str) -> None:
+    def halt(self) -> None:
+        """Stop the server, its clients' connections cut (it keeps its data: ``start`` again)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def _run(self, tool: str, *args: str, check: bool = True) -> None:
         cmd = [str(self.bins / tool), *args]
         if os.getuid() == 0:
             cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *cmd]
-        subprocess.run(cmd, check=True, capture_output=True, cwd=self.root, timeout=120)
+        subprocess.run(cmd, check=check, capture_output=True, cwd=self.root, timeout=120)
 
     def url(self, database: str) -> str:
         return f"postgresql://memos@/{database}?host={self.data}"
@@ -72,7 +79,7 @@ class PgServer:
 
     def stop(self) -> None:
         try:
-            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop", check=False)
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
