@@ -11,9 +11,9 @@ ones this process wrote, and for each commit of another daemon calls
 Staleness: another daemon's commit reaches this one's derived state as soon as
 PostgreSQL delivers its notice (milliseconds). Without notices (a lost listening
 connection) the follower still reads the log every ``poll_s``, so the bound is
-``poll_s`` plus the time to apply the commits. A search here waits for its cube's
-index to reach the version it read, so a search never sees an index older than
-the store it read, whichever daemon wrote.
+``poll_s`` plus the time to apply the commits. A query of a cube's index here waits
+for the index to reach the version of the cube it read, so it never answers from an
+index older than the store it read, whichever daemon wrote.
 """
 
 from __future__ import annotations

@@ -8,6 +8,11 @@ PostgreSQL holds each sub-database as a table ``(k bytea PRIMARY KEY, v bytea)``
 A cursor reads ahead in small, growing batches in the direction it moves, and
 drops what it read ahead whenever its transaction writes, so that it sees the
 transaction's own writes exactly as an LMDB cursor does.
+
+Plain puts are held back and sent together (one ``executemany``, one round trip)
+when the store ends a unit of work, or before anything reads the table they
+change through SQL: an add writes half a dozen rows, and round trips are what a
+write to PostgreSQL costs. ``get`` reads the held-back rows first.
 """
 
 from __future__ import annotations
@@ -64,12 +69,26 @@ def quote(identifier: str) -> str:
 class Transaction:
     """One PostgreSQL transaction with LMDB's ``Transaction`` methods that memos uses."""
 
-    __slots__ = ("_cur", "write", "writes")
+    __slots__ = ("_cur", "write", "writes", "_held")
 
     def __init__(self, cur: psycopg.Cursor[Any], write: bool) -> None:
         self._cur = cur
         self.write = write
         self.writes = 0  # bumped by every change: cursors drop what they read ahead
+        self._held: dict[Table, dict[bytes, bytes]] = {}  # puts not sent yet, by table
+
+    def flush(self, table: Table | None = None) -> None:
+        """Send the held-back puts (of ``table``, or all): before SQL reads that table, and at the
+        end of each unit of work."""
+        for t in [table] if table is not None else list(self._held):
+            rows = self._held.pop(t, None)
+            if rows:
+                self._cur.executemany(t.sql("put"), list(rows.items()))
+
+    def discard(self) -> None:
+        """Forget the held-back puts: their unit of work is rolled back."""
+        self._held.clear()
+        self.writes += 1
 
     def _rows(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         self._cur.execute(sql, params)
@@ -83,15 +102,28 @@ class Transaction:
         return self._cur.rowcount
 
     def get(self, key: bytes, default: Any = None, db: Table | None = None) -> Any:
-        rows = self._rows(_table(db).sql("get"), (bytes(key),))
+        table = _table(db)
+        held = self._held.get(table)
+        if held is not None and (value := held.get(bytes(key))) is not None:
+            return value
+        rows = self._rows(table.sql("get"), (bytes(key),))
         return rows[0][0] if rows else default
 
     def put(self, key: bytes, value: bytes, db: Table | None = None, overwrite: bool = True) -> bool:
-        kind = "put" if overwrite else "put_new"
-        return self._change(_table(db).sql(kind), (bytes(key), bytes(value))) == 1
+        table = _table(db)
+        if not overwrite:  # whether the key was there decides: asked now
+            self.flush(table)
+            return self._change(table.sql("put_new"), (bytes(key), bytes(value))) == 1
+        if not self.write:
+            raise StorageError("a write in a read-only transaction")
+        self.writes += 1
+        self._held.setdefault(table, {})[bytes(key)] = bytes(value)
+        return True
 
     def delete(self, key: bytes, value: bytes = b"", db: Table | None = None) -> bool:
-        return self._change(_table(db).sql("delete"), (bytes(key),)) == 1
+        table = _table(db)
+        self.flush(table)
+        return self._change(table.sql("delete"), (bytes(key),)) == 1
 
     def cursor(self, db: Table | None = None) -> Cursor:
         return Cursor(self, _table(db))
@@ -100,6 +132,7 @@ class Transaction:
         """Append rows whose keys the table does not hold yet, by COPY (memosctl migrate); how many."""
         if not self.write:
             raise StorageError("a write in a read-only transaction")
+        self.flush(db)
         self.writes += 1
         n = 0
         with self._cur.copy(f"COPY {db.ident} (k, v) FROM STDIN (FORMAT BINARY)") as copy:
@@ -110,6 +143,7 @@ class Transaction:
         return n
 
     def stat(self, db: Table) -> dict[str, int]:
+        self.flush(db)
         return {"entries": self._rows(db.sql("count"), ())[0][0]}
 
 
@@ -137,6 +171,7 @@ class Cursor:
 
     def _load(self, kind: str, key: bytes | None, direction: int, values: bool = True) -> bool:
         params: tuple[Any, ...] = (self._batch,) if key is None else (bytes(key), self._batch)
+        self._txn.flush(self._t)
         rows = self._txn._rows(self._t.sql(kind, values), params)
         self._batch = min(self._batch * 4, _MAX_BATCH)
         self._deleted = False

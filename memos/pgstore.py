@@ -176,17 +176,22 @@ class PgStore:
 
     def _transact_once(self, fns: Sequence[Callable[[Transaction], Any]],
                        on_error: Callable[[Transaction, int, MemosError], None] | None) -> list[Any]:
-        try:
-            return self._transact_on(fns, on_error)
-        except _NotBegun as exc:
-            self._reconnect(exc.lost)
-        try:
-            return self._transact_on(fns, on_error)  # nothing of the first attempt reached the server
-        except _NotBegun as exc:
-            raise exc.lost from exc
+        """The group without savepoints first (each costs round trips, and a unit rarely fails);
+        if one fails, the group again with one savepoint per unit, so that it fails alone. Also
+        once again on a new connection if the pooled one was found dead at BEGIN."""
+        guarded, reconnected = False, False
+        while True:
+            try:
+                return self._transact_on(fns, on_error, guarded)
+            except _UnitFailed:
+                guarded = True  # nothing of it was committed: the units are replayable
+            except _NotBegun as exc:
+                if reconnected:
+                    raise exc.lost from exc
+                reconnected = self._reconnect(exc.lost)
 
     def _transact_on(self, fns: Sequence[Callable[[Transaction], Any]],
-                     on_error: Callable[[Transaction, int, MemosError], None] | None) -> list[Any]:
+                     on_error: Callable[[Transaction, int, MemosError], None] | None, guarded: bool) -> list[Any]:
         results: list[Any] = []
         meta = self.db["meta"]
         with self._pool.connection() as conn:
@@ -204,13 +209,21 @@ class PgStore:
                     if single:
                         results.append(fn(txn))
                         continue
+                    if not guarded:
+                        try:
+                            results.append(fn(txn))
+                        except MemosError as exc:
+                            raise _UnitFailed() from exc
+                        continue
+                    txn.flush()  # the savepoint holds only this unit's rows
                     cur.execute("SAVEPOINT unit")
                     try:
                         results.append(fn(txn))
+                        txn.flush()
                         cur.execute("RELEASE SAVEPOINT unit")
                     except MemosError as exc:
+                        txn.discard()
                         cur.execute("ROLLBACK TO SAVEPOINT unit")
-                        txn.writes += 1  # what a cursor read ahead may have been undone
                         results.append(exc)
                         if on_error is not None:
                             on_error(txn, i, exc)
@@ -219,6 +232,7 @@ class PgStore:
                     cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{self.node} {first} {last}"))
                     if self.own_seqs is not None:
                         self.own_seqs.update(range(first, last + 1))
+                txn.flush()
             except MemosError as exc:
                 cur.execute("ROLLBACK")
                 if len(fns) == 1 and on_error is None:
@@ -286,6 +300,10 @@ class PgStore:
 
     def rewrite_pending(self) -> bool:
         return False  # PostgreSQL gives space back itself (VACUUM); there is no file to rewrite
+
+
+class _UnitFailed(Exception):
+    """A unit of a group run without savepoints failed: the group runs again with them."""
 
 
 class _NotBegun(Exception):

@@ -148,8 +148,8 @@ def test_a_failed_meta_page_write_refuses_the_commit_and_a_restart_recovers(flus
 
 
 @pytest.mark.xfail(strict=True, reason="after a failed meta page write LMDB refuses every transaction of the "
-                   "environment (MDB_PANIC) and memosd keeps using it: reads fail with storage_error, and writes "
-                   "that go through a prepare stage (plaintext add, update) answer internal, until a restart")
+                   "environment (MDB_PANIC) and memosd keeps using it: reads and writes fail with storage_error "
+                   "until a restart")
 def test_after_a_failed_meta_page_write_reads_go_on_and_writes_recover_without_a_restart(
         flush_shim, shim, tmp_path):  # noqa: F811
     trigger = tmp_path / "fault"
