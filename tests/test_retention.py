@@ -218,11 +218,15 @@ rules = st.fixed_dictionaries({"all_days": st.sampled_from([0, 0.5, 1, 3]),
 @example(steps=[("add", "a", 0), ("add", "a", 0), ("rollback", "a", 1), ("compact", "a", 0)],
          rules_a={"all_days": 0, "daily_days": 0, "keep_versions": 1},
          rules_b={"all_days": 0, "daily_days": 0, "keep_versions": 1})
-def test_compaction_keeps_every_kept_versions_state_and_counts_blobs_exactly(tmp_path_factory, monkeypatch,
-                                                                            steps, rules_a, rules_b):
+@pytest.mark.parametrize("backend", ["lmdb", "postgresql"])
+def test_compaction_keeps_every_kept_versions_state_and_counts_blobs_exactly(tmp_path_factory, monkeypatch, request,
+                                                                            backend, steps, rules_a, rules_b):
     now = [T0]
     monkeypatch.setattr(clock, "_source", lambda: now[0])
-    with Memos(tmp_path_factory.mktemp("store")) as m:
+    server = request.getfixturevalue("pg_server") if backend == "postgresql" else None
+    database = server.new_database() if server else None  # a store of its own for each example
+    storage = server.url(database) if server else "lmdb"
+    with Memos(tmp_path_factory.mktemp("store"), storage=storage) as m:
         for name, r in (("a", rules_a), ("b", rules_b)):
             m.create_cube(LOCAL_ADMIN, name, settings={"retention": r})
         ids: dict[str, list[str]] = {"a": [], "b": []}
@@ -263,3 +267,5 @@ def test_compaction_keeps_every_kept_versions_state_and_counts_blobs_exactly(tmp
             check_minimal(m, cube)
         check_store(m)
         assert m.audit_verify(LOCAL_ADMIN).ok
+    if server:
+        server.drop_database(database)
