@@ -15,7 +15,7 @@ import time
 import pytest
 from daemon_fixtures import Daemon
 
-from memos.errors import MemosError, Unauthenticated
+from memos.errors import InvalidRequest, MemosError, Unauthenticated
 
 
 def _until(check, timeout: float = 10.0):
@@ -143,3 +143,38 @@ def test_a_daemon_killed_while_writing_loses_no_acknowledged_write(pair):
     assert c.audit_verify().ok
     victim.restart()  # its data folder (indexes, keys) and the shared store open again
     assert {m.id for m in victim.client().list("kill", limit=1000)} == present
+
+
+def test_what_stays_lmdbs_is_refused_by_name_and_store_stats_reports_tables(pair, tmp_path):
+    c = pair[0].client()
+    c.cube_create("sized")
+    c.add("sized", "some bytes to count")
+    stats = c.store_stats()
+    assert stats["backend"] == "postgresql" and stats["pages"] is None
+    assert stats["databases"]["versions"]["entries"] == 1 and stats["databases"]["versions"]["bytes"] > 0
+    assert stats["file_bytes"] == sum(d["bytes"] for d in stats["databases"].values())
+    assert stats["cubes"]["sized"]["version"] == 1
+    with pytest.raises(InvalidRequest, match="pg_dump"):
+        c.store_backup(str(tmp_path / "backup"))
+    with pytest.raises(InvalidRequest, match="VACUUM"):
+        c.store_compact(str(pair[0].data_dir))
+    assert not (tmp_path / "backup").exists()
+
+
+def test_replies_and_logs_name_the_store_without_its_password():
+    from memos.pgstore import redacted
+
+    assert redacted("postgresql://memos:s3cret@db.internal:5432/memos") == "postgresql://memos:***@db.internal:5432/memos"
+    assert redacted("postgresql://memos@db.internal/memos") == "postgresql://memos@db.internal/memos"
+
+
+def test_the_storage_setting_comes_from_memos_storage_and_is_checked(monkeypatch):
+    from memos import config
+
+    monkeypatch.setenv("MEMOS_STORAGE", "postgresql://memos@db.internal/memos")
+    assert config.load().storage == "postgresql://memos@db.internal/memos"
+    monkeypatch.setenv("MEMOS_STORAGE", "mysql://nope")
+    with pytest.raises(ValueError, match="postgresql:// URL"):
+        config.load()
+    monkeypatch.delenv("MEMOS_STORAGE")
+    assert config.load().storage == "lmdb"
