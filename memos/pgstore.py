@@ -48,7 +48,8 @@ _RETRIES = 5
 
 def redacted(url: str) -> str:
     """The URL without its password, for logs and replies."""
-    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+    url = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", url)
 
 
 class _Read:

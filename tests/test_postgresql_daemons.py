@@ -166,6 +166,8 @@ def test_replies_and_logs_name_the_store_without_its_password():
 
     assert redacted("postgresql://memos:s3cret@db.internal:5432/memos") == "postgresql://memos:***@db.internal:5432/memos"
     assert redacted("postgresql://memos@db.internal/memos") == "postgresql://memos@db.internal/memos"
+    assert redacted("postgresql://memos:a/b@h/db?password=x&sslmode=require") == \
+        "postgresql://memos:***@h/db?password=***&sslmode=require"
 
 
 def test_the_storage_setting_comes_from_memos_storage_and_is_checked(monkeypatch):
