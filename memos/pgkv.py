@@ -154,9 +154,16 @@ def _table(db: Table | None) -> Table:
 
 
 class Cursor:
-    """LMDB's cursor: a position in one table's key order, moved by seeks and steps."""
+    """LMDB's cursor: a position in one table's key order, moved by seeks and steps.
 
-    __slots__ = ("_txn", "_t", "_item", "_ahead", "_dir", "_stamp", "_batch", "_deleted")
+    Where LMDB leaves an unpositioned cursor after a failed move matters to the next step
+    (``_ghost``): past the end, after a failed seek or a step off the last item (``next``
+    fails again, ``prev`` finds the item before); before the start, after a step off the first
+    item; or in the gap where a key ``set_key`` missed would be. tests/test_pgkv.py checks
+    every answer against LMDB's own cursor.
+    """
+
+    __slots__ = ("_txn", "_t", "_item", "_ahead", "_dir", "_stamp", "_batch", "_ghost")
 
     def __init__(self, txn: Transaction, table: Table) -> None:
         self._txn, self._t = txn, table
@@ -165,28 +172,32 @@ class Cursor:
         self._dir = 0
         self._stamp = -1
         self._batch = _FIRST_BATCH
-        self._deleted = False  # delete() moved to the following item: the next step stays there
+        self._ghost: tuple[str, bytes | None] | None = None  # unpositioned after a failed move: where
 
     # -- positioning --------------------------------------------------
 
-    def _load(self, kind: str, key: bytes | None, direction: int, values: bool = True) -> bool:
-        params: tuple[Any, ...] = (self._batch,) if key is None else (bytes(key), self._batch)
+    def _rows(self, kind: str, key: bytes | None, n: int, values: bool = True) -> list[tuple[bytes, Any]]:
+        params: tuple[Any, ...] = (n,) if key is None else (bytes(key), n)
         self._txn.flush(self._t)
-        rows = self._txn._rows(self._t.sql(kind, values), params)
+        return [(bytes(k), v) for k, v in self._txn._rows(self._t.sql(kind, values), params)]
+
+    def _land(self, rows: list[tuple[bytes, Any]], direction: int) -> None:
+        self._item, self._ahead = rows[0], deque(rows[1:])
+        self._dir, self._stamp, self._ghost = direction, self._txn.writes, None
+
+    def _move(self, kind: str, key: bytes | None, direction: int, values: bool, fail: Any) -> bool:
+        rows = self._rows(kind, key, self._batch, values)
         self._batch = min(self._batch * 4, _MAX_BATCH)
-        self._deleted = False
-        if not rows:
-            self._item = None
-            self._ahead.clear()
-            return False
-        self._item = (bytes(rows[0][0]), rows[0][1])
-        self._ahead = deque((bytes(k), v) for k, v in rows[1:])
-        self._dir, self._stamp = direction, self._txn.writes
-        return True
+        if rows:
+            self._land(rows, direction)
+            return True
+        self._item, self._ghost = None, fail
+        self._ahead.clear()
+        return False
 
     def _seek(self, kind: str, key: bytes | None, direction: int, values: bool = True) -> bool:
         self._batch = _FIRST_BATCH
-        return self._load(kind, key, direction, values)
+        return self._move(kind, key, direction, values, ("end", None))
 
     def first(self) -> bool:
         return self._seek("first", None, 1)
@@ -200,20 +211,39 @@ class Cursor:
     def set_key(self, key: bytes) -> bool:
         value = self._txn.get(key, db=self._t)
         self._ahead.clear()
-        self._deleted = False
-        self._item = None if value is None else (bytes(key), value)
-        return value is not None
+        if value is not None:
+            self._item, self._ghost = (bytes(key), value), None
+            return True
+        self._item = None  # where the key would be: past the end, or between two items
+        self._ghost = ("gap", bytes(key)) if self._rows("gt", key, 1, False) else ("end", None)
+        return False
 
     def _step(self, direction: int, values: bool = True) -> bool:
+        forward = direction > 0
         if self._item is None:
-            return self._seek("first" if direction > 0 else "last", None, direction, values)
-        if self._deleted and direction > 0:
-            self._deleted = False
-            return True
+            if self._ghost is None:  # never positioned: from the first (or the last) item
+                return self._seek("first" if forward else "last", None, direction, values)
+            place, ref = self._ghost
+            self._batch = _FIRST_BATCH
+            if place == "gap" and forward:  # LMDB steps over the item that took the missing key's place
+                rows = self._rows("gt", ref, 2, values)
+                if len(rows) < 2:  # ran off the end from that item
+                    self._ghost = ("end", rows[0][0]) if rows else ("end", None)
+                    return False
+                self._land(rows[1:], direction)
+                return True
+            if (place == "end" and forward) or (place == "start" and not forward):
+                return False
+            if ref is None:
+                return self._move("last", None, direction, values, ("start", None))
+            kind = ("gt" if forward else "lt") if place != "gap" else "lt"
+            return self._move(kind, ref, direction, values, ("start", None) if not forward else ("end", None))
         if self._dir == direction and self._ahead and self._stamp == self._txn.writes:
             self._item = self._ahead.popleft()
             return True
-        return self._load("gt" if direction > 0 else "lt", self._item[0], direction, values)
+        here = self._item[0]
+        return self._move("gt" if forward else "lt", here, direction, values,
+                          ("end", here) if forward else ("start", here))
 
     def next(self) -> bool:
         return self._step(1)
@@ -239,6 +269,7 @@ class Cursor:
         return self.key(), self.value()
 
     def _iter(self, direction: int, keys: bool, values: bool) -> Iterator[Any]:
+        # Unpositioned (never, or after a failed move): from the first item, as LMDB's iterators do.
         if self._item is None and not self._seek("first" if direction > 0 else "last", None, direction, values):
             return
         while True:
@@ -263,17 +294,11 @@ class Cursor:
     # -- changing -----------------------------------------------------
 
     def delete(self) -> bool:
-        """Delete the current item and move to the one following it, as LMDB's cursor does."""
+        """Delete the current item; the cursor is then on the item that followed it, as LMDB's is."""
         if self._item is None:
             return False
         key = self._item[0]
         self._txn.delete(key, db=self._t)
-        moved = self._load("gt", key, 1)
-        self._deleted = moved
+        self._batch = _FIRST_BATCH
+        self._move("gt", key, 1, True, ("end", None))
         return True
-
-    def put(self, key: bytes, value: bytes, overwrite: bool = True) -> bool:
-        done = self._txn.put(key, value, db=self._t, overwrite=overwrite)
-        self._item, self._deleted = (bytes(key), bytes(value)), False
-        self._ahead.clear()
-        return done

@@ -108,7 +108,7 @@ class PgStore:
             self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=True, timeout=5,
                                         kwargs={"autocommit": True}, name="memos")
             self._pool.wait(timeout=10)
-        except (psycopg.Error, Exception) as exc:
+        except Exception as exc:  # refused, unknown host, no such database, timed out
             raise StorageError(f"cannot reach PostgreSQL at {self.path}: {exc}") from exc
         try:
             self._create()
