@@ -11,7 +11,6 @@ import os
 from typing import Any
 
 from .errors import ConfigError
-from .storage import Store, StoreOptions
 
 
 def is_postgresql(storage: str) -> bool:
@@ -19,15 +18,18 @@ def is_postgresql(storage: str) -> bool:
 
 
 def check_storage(storage: Any) -> str:
+    """``storage`` if it names a backend; a ConfigError (a ValueError for the settings) if not."""
     if not isinstance(storage, str) or not (storage == "lmdb" or is_postgresql(storage)):
-        raise ConfigError(f"storage is 'lmdb' or a postgresql:// URL, not {storage!r}")
+        raise ConfigError(f'storage is "lmdb" or a postgresql:// URL, not {storage!r}')
     return storage
 
 
-def open_store(storage: str, path: str | os.PathLike[str], options: StoreOptions | None = None,
+def open_store(storage: str, path: str | os.PathLike[str], options: Any = None,
                extra_databases: dict[str, str] | None = None) -> Any:
-    """The store ``storage`` names; an LMDB store lives in ``path``."""
+    """The store ``storage`` names; an LMDB store lives in ``path``. ``options``: StoreOptions."""
     if check_storage(storage) == "lmdb":
+        from .storage import Store
+
         return Store(path, options, extra_databases)
     from .pgstore import PgStore  # psycopg is needed only by those who use PostgreSQL
 

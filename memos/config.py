@@ -21,7 +21,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from .backends import check_storage
 from .catalog_retention import RetentionRules
+from .errors import ConfigError
 from .memtypes import MemoryType, load_types
 from .validation import Limits
 
@@ -136,9 +138,10 @@ class Settings(BaseSettings):
     @field_validator("storage")
     @classmethod
     def _known_storage(cls, storage: str) -> str:
-        if not (storage == "lmdb" or storage.startswith(("postgresql://", "postgres://"))):
-            raise ValueError(f"storage is \"lmdb\" or a postgresql:// URL, not {storage!r}")
-        return storage
+        try:
+            return check_storage(storage)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
 
     @classmethod
     def settings_customise_sources(
