@@ -5,7 +5,11 @@ turns, once per round, and the figures are medians over rounds:
 
 * ``add`` from 1 client (a commit per request: the latency of one durable commit);
 * ``add`` from C client processes at once (group commit: throughput, p50, p99);
-* ``get`` from C client processes at once (throughput, p50, p99).
+* ``get`` from C client processes at once (throughput, p50, p99);
+* for PostgreSQL alone, what another daemon sharing the store sees: a second memosd
+  on the same database searches for each memory right after its add through the first
+  is acknowledged (how long that search takes, its index catching up through the
+  follower, and whether it found the memory).
 
 Both daemons use the model-free embedder, so the figures are the store's and
 the daemon's, not MiniLM's. PostgreSQL is the server named by ``--pg`` or, by
@@ -114,6 +118,7 @@ def main() -> None:
                 res.setdefault("get_p50", []).append(_pct(lat, 0.5))
                 res.setdefault("get_p99", []).append(_pct(lat, 0.99))
                 print(f"round {r + 1} {name}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in res.items()), flush=True)
+        staleness = _cross_daemon(root, env, args.pg, sockets["postgresql"], daemons)
     finally:
         for proc in daemons:
             proc.terminate()
@@ -132,6 +137,34 @@ def main() -> None:
     for label, key in rows:
         a, b = med["lmdb"][key], med["postgresql"][key]
         print(f"| {label} | {a:.1f} | {b:.1f} | {b / a:.2f} |")
+    lat, found = staleness
+    print("\nTwo daemons on one PostgreSQL: a search right after each add is acknowledged, through the daemon "
+          "that wrote it or through the other one\n")
+    print("| searched through | p50 ms | p99 ms | max ms | found |")
+    print("|---|---|---|---|---|")
+    for who in ("own", "other"):
+        print(f"| {'the writing daemon' if who == 'own' else 'the other daemon'} | {_pct(lat[who], 0.5):.1f} | "
+              f"{_pct(lat[who], 0.99):.1f} | {max(lat[who]) * 1000:.1f} | {found[who]} of {len(lat[who])} |")
+    print(f"\nother / own, p50: {_pct(lat['other'], 0.5) / _pct(lat['own'], 0.5):.2f}")
+
+
+def _cross_daemon(root: Path, env: dict[str, str], url: str, first: str,
+                  daemons: list) -> tuple[dict[str, list[float]], dict[str, int]]:
+    (root / "second").mkdir(mode=0o700)
+    second = str(root / "second" / "memosd.sock")
+    daemons.append(memosd.spawn(root / "second" / "data", second, env={**env, "MEMOS_STORAGE": url}))
+    a, b = Client(first), Client(second)
+    a.cube_create("stale")
+    lat: dict[str, list[float]] = {"own": [], "other": []}
+    found = {"own": 0, "other": 0}
+    for i in range(400):  # turn by turn: the writer's own daemon searches, then the other one
+        mem = a.add("stale", f"marker{i}x unique words for memory {i}")
+        who, c = ("own", a) if i % 2 == 0 else ("other", b)
+        t = time.perf_counter()
+        hits = c.search("stale", f"marker{i}x", k=1)
+        lat[who].append(time.perf_counter() - t)
+        found[who] += bool(hits) and hits[0].memory.id == mem.id
+    return lat, found
 
 
 if __name__ == "__main__":
