@@ -27,8 +27,9 @@ run: setup
 
 # The daemon's tests once more with the store in PostgreSQL: a database per daemon, on a server
 # the tests start from the machine's postgresql binaries (tests/pgserver.py). The files that read
-# LMDB's own file (backup, compaction, disk and power faults, upgrades) are LMDB's alone.
-PG_DAEMON_TESTS := tests/test_async_client.py tests/test_audit_signing.py tests/test_bounds.py \
+# LMDB's own file (compaction, disk and power faults, upgrades) are LMDB's alone, as are the tests
+# marked lmdb_only (a backup is a copy of LMDB's file, say).
+PG_DAEMON_TESTS := tests/test_async_client.py tests/test_audit_signing.py tests/test_backup.py tests/test_bounds.py \
 	tests/test_cli.py tests/test_client_retries.py tests/test_crash_harness.py tests/test_daemon_acl.py \
 	tests/test_daemon_concurrency.py tests/test_daemon_down.py tests/test_daemon_lifecycle.py \
 	tests/test_daemon_ops.py tests/test_daemon_protocol.py tests/test_daemon_stateful.py \

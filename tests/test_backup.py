@@ -48,6 +48,7 @@ def _blob_shas(m: Memos, txn, states: dict) -> set[str]:
     return out
 
 
+@pytest.mark.lmdb_only
 def test_a_backup_taken_while_writes_go_on_restores_to_an_identical_store(fresh_daemon, tmp_path):
     d = fresh_daemon
     admin_client = d.client()
@@ -95,6 +96,7 @@ def test_a_backup_taken_while_writes_go_on_restores_to_an_identical_store(fresh_
     assert not (tmp_path / "other" / "data.mdb").exists()
 
 
+@pytest.mark.lmdb_only
 def test_memosctl_restore_checks_and_reports(fresh_daemon, tmp_path):
     d = fresh_daemon
     d.client().cube_create("small")
@@ -131,7 +133,7 @@ def test_a_cube_moves_between_daemons_with_its_whole_history(make_daemon, tmp_pa
         b.cube_import(str(path))  # the cube exists now
     source.stop()
     target.stop()
-    with Memos(source.data_dir) as one, Memos(target.data_dir) as two:
+    with Memos(source.data_dir, storage=source.storage) as one, Memos(target.data_dir, storage=target.storage) as two:
         assert everything(one, "moving") == everything(two, "moving")
 
 

@@ -180,3 +180,33 @@ def test_the_storage_setting_comes_from_memos_storage_and_is_checked(monkeypatch
         config.load()
     monkeypatch.delenv("MEMOS_STORAGE")
     assert config.load().storage == "lmdb"
+
+
+def test_cubes_move_between_a_postgresql_and_an_lmdb_daemon_with_their_whole_history(pg_url, tmp_path):
+    from test_backup import everything
+
+    from memos.api import LOCAL_ADMIN, Memos
+
+    on_pg, on_lmdb = Daemon(env={"MEMOS_STORAGE": pg_url}), Daemon(env={"MEMOS_STORAGE": "lmdb"})
+    try:
+        clients = {"pg": on_pg.start().client(), "lmdb": on_lmdb.start().client()}
+        for source, target in (("pg", "lmdb"), ("lmdb", "pg")):
+            a, b, cube = clients[source], clients[target], f"from-{source}"
+            a.cube_create(cube)
+            first = a.add(cube, "Ada prefers tea")
+            a.update(cube, first.id, "Ada prefers coffee")
+            a.add(cube, "a cache", type="opaque", blob=bytes(range(256)) * 24)
+            a.delete(cube, first.id)
+            a.cube_export(cube, str(tmp_path / f"{cube}.cube"))
+            b.cube_import(str(tmp_path / f"{cube}.cube"))
+            assert [h.model_dump() for h in b.history(cube)] == [h.model_dump() for h in a.history(cube)]
+            assert b.get(cube, first.id, at=2).text == "Ada prefers coffee"
+        on_pg.stop()
+        on_lmdb.stop()
+        with Memos(on_pg.data_dir, storage=pg_url) as pg, Memos(on_lmdb.data_dir) as lmdb:
+            for cube in ("from-pg", "from-lmdb"):
+                assert everything(pg, cube) == everything(lmdb, cube)
+            assert pg.audit_verify(LOCAL_ADMIN).ok and lmdb.audit_verify(LOCAL_ADMIN).ok
+    finally:
+        on_pg.cleanup()
+        on_lmdb.cleanup()
