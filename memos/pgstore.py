@@ -25,11 +25,12 @@ import logging
 import re
 import secrets
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg_pool import ConnectionPool
+from psycopg.pq import TransactionStatus
 
 from . import codec
 from .errors import MemosError, StorageError
@@ -65,7 +66,7 @@ class _Read:
             self._ctx = self.store._pool.connection()
             try:
                 conn = self._ctx.__enter__()
-            except psycopg.Error as exc:  # none to be had (PoolTimeout): the server is away
+            except psycopg.Error as exc:  # no connection to be had: the server is away
                 raise _storage_error(exc) from exc
             try:
                 self._cur = conn.cursor(binary=True)
@@ -81,7 +82,7 @@ class _Read:
         try:
             self._cur.execute("ROLLBACK")
         except psycopg.Error:
-            pass  # a broken connection: the pool discards it
+            pass  # a broken connection: the pool closes it
         finally:
             self._ctx.__exit__(kind, exc, tb)
         if isinstance(exc, psycopg.Error):
@@ -104,14 +105,12 @@ class PgStore:
         # before COMMIT (so that no read can see them first) and taken out by the follower.
         self.own_seqs: set[int] | None = None
         self.db = {name: Table(SCHEMA, name) for name in self.databases}
+        self._pool = _Pool(url, pool_size)
         try:
-            self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=True, timeout=5,
-                                        kwargs={"autocommit": True}, name="memos")
-            self._pool.wait(timeout=10)
-        except Exception as exc:  # refused, unknown host, no such database, timed out
-            raise StorageError(f"cannot reach PostgreSQL at {self.path}: {exc}") from exc
-        try:
-            self._create()
+            try:
+                self._create()
+            except psycopg.Error as exc:  # refused, unknown host, no such database, timed out
+                raise StorageError(f"cannot reach PostgreSQL at {self.path}: {exc}") from exc
             self.schema_version = self.write(self._check_schema)
         except BaseException:
             self._pool.close()
@@ -172,7 +171,7 @@ class PgStore:
         if not isinstance(exc, psycopg.OperationalError):
             return False
         log.warning("PostgreSQL connection lost (%s); reconnecting", exc)
-        self._pool.check()
+        self._pool.drop_idle()  # the others were made before the loss too
         return True
 
     def _transact_once(self, fns: Sequence[Callable[[Transaction], Any]],
@@ -301,6 +300,47 @@ class PgStore:
 
     def rewrite_pending(self) -> bool:
         return False  # PostgreSQL gives space back itself (VACUUM); there is no file to rewrite
+
+
+class _Pool:
+    """Connections to the server, reused: opened when asked for (at most ``size`` at once) and
+    closed when broken. No background thread and no back-off: after an outage, the next request
+    connects at once, and while the server is away a request fails at once."""
+
+    def __init__(self, url: str, size: int, wait_s: float = 30.0, connect_timeout_s: int = 5) -> None:
+        self.url, self.size, self.wait_s, self.connect_timeout_s = url, size, wait_s, connect_timeout_s
+        self._idle: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(size)
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        if not self._slots.acquire(timeout=self.wait_s):
+            raise StorageError(f"all {self.size} connections to PostgreSQL stayed busy for {self.wait_s:.0f} s")
+        conn = None
+        try:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                conn = psycopg.connect(self.url, autocommit=True, connect_timeout=self.connect_timeout_s)
+            yield conn
+        finally:
+            if conn is not None:
+                if conn.closed or conn.info.transaction_status != TransactionStatus.IDLE:
+                    conn.close()  # broken, or left inside a transaction: never reused
+                else:
+                    with self._lock:
+                        self._idle.append(conn)
+            self._slots.release()
+
+    def drop_idle(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def close(self) -> None:
+        self.drop_idle()
 
 
 class _UnitFailed(Exception):
