@@ -44,7 +44,6 @@ SCHEMA = "memos"
 CHANNEL = "memos_commits"
 _AUDIT_HEAD = b"audit_head"  # memos.audit's meta key: the seq of the last record
 _WRITER = b"writer"  # the meta row whose lock orders every write transaction
-_RETRIES = 5
 
 
 def redacted(url: str) -> str:
@@ -153,17 +152,13 @@ class PgStore:
 
     def transact(self, fns: Sequence[Callable[[Transaction], Any]],
                  on_error: Callable[[Transaction, int, MemosError], None] | None = None) -> list[Any]:
-        """Several units of work in one commit, each in a savepoint (see memos.storage.Store.transact)."""
-        for attempt in range(_RETRIES):
-            try:
-                return self._transact_once(fns, on_error)
-            except (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected) as exc:
-                log.warning("write transaction retried: %s", exc)  # the units are replayable
-                if attempt == _RETRIES - 1:
-                    raise _storage_error(exc) from exc
-            except psycopg.Error as exc:
-                raise _storage_error(exc) from exc
-        raise AssertionError("unreachable")
+        """Several units of work in one commit, each failing alone (see memos.storage.Store.transact).
+        Under the writer row lock no two write transactions overlap, so PostgreSQL has no
+        serialization failure or deadlock to report: any error of its is a storage error."""
+        try:
+            return self._transact_once(fns, on_error)
+        except psycopg.Error as exc:
+            raise _storage_error(exc) from exc
 
     def _reconnect(self, exc: psycopg.Error) -> bool:
         """After a connection failed before its transaction began (the server restarted, failed
@@ -292,11 +287,14 @@ class PgStore:
                 out[name] = txn.stat(db)["entries"]
         return out
 
-    def table_bytes(self) -> dict[str, int]:
-        """Bytes on disk of each sub-database's table, its indexes and TOAST included."""
+    def space(self, databases: dict[str, dict[str, int]]) -> dict[str, Any]:
+        """Where the bytes go (``store_stats``): each sub-database's table on disk, its indexes and
+        TOAST included; PostgreSQL has no map nor pages to show."""
         with self.read() as txn:
-            return {name: txn._rows("SELECT pg_total_relation_size(%s::regclass)", (db.ident,))[0][0]
-                    for name, db in self.db.items()}
+            sizes = {name: txn._rows("SELECT pg_total_relation_size(%s::regclass)", (db.ident,))[0][0]
+                     for name, db in self.db.items()}
+        return {"file_bytes": sum(sizes.values()), "map_size": None, "page_size": None, "pages": None,
+                "databases": {name: {"entries": s["entries"], "bytes": sizes[name]} for name, s in databases.items()}}
 
     def rewrite_pending(self) -> bool:
         return False  # PostgreSQL gives space back itself (VACUUM); there is no file to rewrite

@@ -441,12 +441,29 @@ class Store:
         except lmdb.Error as exc:  # pragma: no cover - closing a broken env
             raise StorageError(f"closing store: {exc}") from exc
 
+    def space(self, databases: dict[str, dict[str, int]]) -> dict[str, Any]:
+        """Where the bytes go (``store_stats``): the file, the map and its pages, used by the
+        sub-databases (``databases``: their ``txn.stat``) or free for LMDB to reuse."""
+        info, psize = self.env.info(), self.env.stat()["psize"]
+        used = _META_PAGES + _pages(self.env.stat()) + sum(_pages(s) for s in databases.values())
+        total = info["last_pgno"] + 1
+        return {"file_bytes": os.stat(os.path.join(self.path, "data.mdb")).st_size, "map_size": info["map_size"],
+                "page_size": psize, "pages": {"total": total, "used": used, "free": max(0, total - used)},
+                "databases": {name: {"entries": s["entries"], "pages": _pages(s)} for name, s in databases.items()}}
+
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"path": self.path, "map_size": self.env.info()["map_size"]}
         with self.read() as txn:
             for name, db in self.db.items():
                 out[name] = txn.stat(db)["entries"]
         return out
+
+
+_META_PAGES = 2  # LMDB's two meta pages: in use, though no database counts them
+
+
+def _pages(stat: dict[str, int]) -> int:
+    return stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
 
 
 def hold_at(step: str) -> None:

@@ -28,29 +28,6 @@ from .ids import new_id
 from .storage import LAST_REWRITE
 from .writes import Applied, Write
 
-_META_PAGES = 2  # LMDB's two meta pages: in use, though no database counts them
-
-
-def _pages(stat: dict[str, int]) -> int:
-    return stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
-
-
-def _lmdb_space(store: Any, databases: dict[str, dict[str, int]]) -> dict[str, Any]:
-    """The file, the map and its pages: used by the databases, or free for LMDB to reuse."""
-    info, psize = store.env.info(), store.env.stat()["psize"]
-    used = _META_PAGES + _pages(store.env.stat()) + sum(_pages(s) for s in databases.values())
-    total = info["last_pgno"] + 1
-    return {"file_bytes": os.stat(os.path.join(store.path, "data.mdb")).st_size, "map_size": info["map_size"],
-            "page_size": psize, "pages": {"total": total, "used": used, "free": max(0, total - used)},
-            "databases": {name: {"entries": s["entries"], "pages": _pages(s)} for name, s in databases.items()}}
-
-
-def _pg_space(store: Any, databases: dict[str, dict[str, int]]) -> dict[str, Any]:
-    """Each table's bytes on disk (indexes and TOAST included); PostgreSQL has no map nor pages to show."""
-    sizes = store.table_bytes()
-    return {"file_bytes": sum(sizes.values()), "map_size": None, "page_size": None, "pages": None,
-            "databases": {name: {"entries": s["entries"], "bytes": sizes[name]} for name, s in databases.items()}}
-
 
 def _cube_of(key: bytes) -> str:
     return key.split(b"\0", 1)[0].decode(errors="replace")
@@ -76,7 +53,7 @@ class StoreAdmin:
         db = store.db
         with store.read() as txn:
             databases = {name: txn.stat(handle) for name, handle in db.items()}
-            space = _lmdb_space(store, databases) if store.backend == "lmdb" else _pg_space(store, databases)
+            space = store.space(databases)
             cubes: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(
                 ("version", "commits", "version_records", "head_bytes", "version_bytes"), 0))
             for key, value in txn.cursor(db=db["cubes"]):
