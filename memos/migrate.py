@@ -20,13 +20,15 @@ from typing import Any
 
 from .access import LOCAL_ADMIN
 from .api import Memos
-from .errors import ConfigError, Conflict, IntegrityError
-from .pgstore import PgStore
+from .backends import is_postgresql
+from .errors import ConfigError, Conflict, IntegrityError, InvalidRequest
 
 _TARGET_OWN = {b"schema_version", b"writer"}  # rows a new PostgreSQL store writes for itself
 
 
 def migrate(data_dir: str | os.PathLike[str], url: str) -> dict[str, Any]:
+    if not is_postgresql(url):
+        raise InvalidRequest(f"migrate --to takes a postgresql:// URL, not {url!r}", field="to")
     began = time.monotonic()
     lock = _take_lock(Path(data_dir))
     try:
@@ -55,7 +57,6 @@ def _take_lock(data_dir: Path) -> int:
 
 def _copy(source: Memos, target: Memos) -> dict[str, int]:
     src, dst = source.store, target.store
-    assert isinstance(dst, PgStore)
     with dst.read() as txn:
         held = [name for name, db in dst.db.items()
                 if any(k not in _TARGET_OWN for k in txn.cursor(db=db).iternext(values=False))]

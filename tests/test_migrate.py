@@ -87,6 +87,15 @@ def test_migrate_is_refused_while_memosd_serves_the_folder(pg_url):
         d.cleanup()
 
 
+def test_migrate_takes_only_a_postgresql_url(lmdb_store):
+    folder, before = lmdb_store
+    for target in ("lmdb", "mysql://db/memos", str(folder)):
+        refused = memosctl("migrate", "--to", target, "--data-dir", str(folder))
+        assert refused.returncode != 0 and "invalid_request" in refused.stderr and "postgresql://" in refused.stderr
+    with Memos(folder) as source:
+        assert observable(source) == before
+
+
 def test_migrate_from_a_folder_without_a_store_is_refused(tmp_path, pg_url):
     refused = memosctl("migrate", "--to", pg_url, "--data-dir", str(tmp_path))
     assert refused.returncode != 0 and "no LMDB store" in refused.stderr
